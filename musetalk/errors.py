@@ -1,0 +1,41 @@
+"""Typed errors whose messages tell the user what to do next.
+
+Everything the engine raises on bad input or a broken setup derives from
+`MuseTalkError`; the CLI prints the message, the panel shows it as a `gr.Error`.
+"""
+
+from __future__ import annotations
+
+
+class MuseTalkError(Exception):
+    """Base class: the message is meant for a person, not a traceback reader."""
+
+
+class MissingWeightsError(MuseTalkError):
+    """Weight files are absent, truncated or do not fit the expected architecture."""
+
+    def __init__(self, problems: list[str], models_dir: str, fetch_command: str = "bash download_weights.sh"):
+        self.problems = list(problems)
+        self.models_dir = models_dir
+        self.fetch_command = fetch_command
+        listing = "\n".join(f"  - {p}" for p in self.problems)
+        super().__init__(
+            f"MuseTalk weights in {models_dir} are missing or unusable:\n{listing}\n"
+            f"Fetch them with: {fetch_command}"
+        )
+
+
+class MediaError(MuseTalkError):
+    """A video or audio file cannot be read or is unsuitable."""
+
+
+class NoFaceError(MuseTalkError):
+    """No usable face where one is required."""
+
+
+class AvatarError(MuseTalkError):
+    """An avatar is missing, corrupt, incompatible or has an invalid name."""
+
+
+class ConfigError(MuseTalkError):
+    """A configuration file or setting is invalid."""
