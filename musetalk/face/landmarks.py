@@ -205,42 +205,73 @@ class FaceLandmarker:
     # ------------------------------------------------------------------ detection
 
     def detect(self, rgb: np.ndarray, min_score: float = 0.5) -> list[FaceDetection]:
-        """Faces in an (H, W, 3) uint8 RGB frame, largest first.
+        """Faces in an (H, W, 3) uint8 RGB frame, largest first (boxes clipped to the frame).
 
-        The whole frame is letterboxed into the 128x128 detector input. When that finds
-        nothing on a frame whose sides differ a lot, square windows along the long side are
-        tried too, so a face in a tall or wide frame is not shrunk out of reach.
+        BlazeFace alone scores some animal faces and face-like textures at 0.5-0.6, so every
+        candidate is confirmed by the mesh model's face-presence output before it is kept.
         """
-        frame = _check_frame(rgb)
+        return [det for det, _ in self._find(_check_frame(rgb), min_score)]
+
+    def _find(self, frame: np.ndarray, min_score: float) -> list[tuple[FaceDetection, np.ndarray]]:
+        """Detect, merge and confirm faces: [(detection, (468, 2) mesh)], largest first.
+
+        Passes over the (at most 1024 px) frame: the whole frame letterboxed into the 128x128
+        input; on frames whose sides differ a lot also square windows of the short side along
+        the long one (so a face in a wide or tall frame is not shrunk out of reach); and when
+        still nothing is found, windows of half the short side, for small faces.
+        """
         small, factor = _downscale(frame, _MAX_DETECT_SIDE)
         h, w = small.shape[:2]
+        windows = [(0, 0, max(h, w))]
+        if max(h, w) > 1.3 * min(h, w):
+            windows += _windows(w, h, min(h, w))
+        found = self._confirm(frame, self._candidates(small, windows, min_score), factor)
+        if not found and min(h, w) >= 2 * _DET_SIZE:
+            found = self._confirm(frame, self._candidates(small, _windows(w, h, min(h, w) // 2), min_score), factor)
+        found.sort(key=lambda item: item[0].area, reverse=True)
+        return found
+
+    def _candidates(
+        self, img: np.ndarray, windows: list[tuple[int, int, int]], min_score: float
+    ) -> list[tuple[np.ndarray, np.ndarray, float]]:
+        """Raw BlazeFace candidates from every window, merged by weighted NMS."""
+        h, w = img.shape[:2]
+        cands = []
         with self._lock:
-            cands = self._detect_window(small, 0, 0, max(h, w), min_score)
-            if not cands and max(h, w) > 1.3 * min(h, w):
-                side = min(h, w)
-                long_side = max(h, w)
-                steps = math.ceil((long_side - side) / (side / 2)) + 1
-                for k in range(steps):
-                    off = min(round(k * side / 2), long_side - side)
-                    x0, y0 = (off, 0) if w > h else (0, off)
-                    cands += self._detect_window(small[y0 : y0 + side, x0 : x0 + side], x0, y0, side, min_score)
+            for x0, y0, side in windows:
+                for box, kp, score in self._detect_window(img[y0 : y0 + side, x0 : x0 + side], x0, y0, side, min_score):
+                    # A face cut by a window edge inside the frame gives a partial box; the
+                    # overlapping window (or the full-frame pass) sees it whole.
+                    tol = 0.02 * side
+                    if (x0 > 0 and box[0] < x0 + tol) or (y0 > 0 and box[1] < y0 + tol):
+                        continue
+                    if (x0 + side < w and box[2] > x0 + side - tol) or (y0 + side < h and box[3] > y0 + side - tol):
+                        continue
+                    cands.append((box, kp, score))
         if not cands:
             return []
         boxes = np.array([c[0] for c in cands], dtype=np.float64)
         kps = np.array([c[1] for c in cands], dtype=np.float64)
         scores = np.array([c[2] for c in cands], dtype=np.float64)
-        faces = []
-        for box, kp, score in _weighted_nms(boxes, kps, scores):
-            box = box / factor
-            kp = kp / factor
-            x0, y0, x1, y1 = box
-            x0, x1 = float(np.clip(x0, 0, frame.shape[1])), float(np.clip(x1, 0, frame.shape[1]))
-            y0, y1 = float(np.clip(y0, 0, frame.shape[0])), float(np.clip(y1, 0, frame.shape[0]))
+        return _weighted_nms(boxes, kps, scores)
+
+    def _confirm(
+        self, frame: np.ndarray, cands: list[tuple[np.ndarray, np.ndarray, float]], factor: float
+    ) -> list[tuple[FaceDetection, np.ndarray]]:
+        """Scale candidates back to the frame and keep those the mesh model sees a face in."""
+        fh, fw = frame.shape[:2]
+        found = []
+        for box, kp, score in cands:
+            x0, y0, x1, y1 = (float(v) for v in box / factor)
+            x0, x1 = min(max(x0, 0.0), fw), min(max(x1, 0.0), fw)
+            y0, y1 = min(max(y0, 0.0), fh), min(max(y1, 0.0), fh)
             if x1 - x0 < 2 or y1 - y0 < 2:
                 continue
-            faces.append(FaceDetection((x0, y0, x1, y1), score, tuple((float(x), float(y)) for x, y in kp)))
-        faces.sort(key=lambda f: f.area, reverse=True)
-        return faces
+            det = FaceDetection((x0, y0, x1, y1), score, tuple((float(x), float(y)) for x, y in kp / factor))
+            points = self._mesh_in_roi(frame, *_roi_from_detection(det))
+            if points is not None:
+                found.append((det, points))
+        return found
 
     def _detect_window(
         self, img: np.ndarray, ox: int, oy: int, side: int, min_score: float
@@ -289,10 +320,8 @@ class FaceLandmarker:
         """
         frame = _check_frame(rgb)
         if detection is None:
-            faces = self.detect(frame)
-            if not faces:
-                return None
-            detection = faces[0]
+            found = self._find(frame, 0.5)
+            return found[0][1] if found else None
         centre, side, angle = _roi_from_detection(detection)
         return self._mesh_in_roi(frame, centre, side, angle)
 
@@ -369,6 +398,18 @@ def _roi_from_detection(det: FaceDetection) -> tuple[np.ndarray, float, float]:
         (rx, ry), (lx, ly) = det.keypoints[0], det.keypoints[1]
         angle = math.atan2(ly - ry, lx - rx)
     return centre, side, angle
+
+
+def _windows(width: int, height: int, side: int) -> list[tuple[int, int, int]]:
+    """Square windows (x0, y0, side) covering a width x height image with 50 % overlap."""
+
+    def starts(length: int) -> list[int]:
+        if length <= side:
+            return [0]
+        steps = math.ceil((length - side) / (side / 2))
+        return sorted({min(round(k * side / 2), length - side) for k in range(steps + 1)})
+
+    return [(x, y, side) for y in starts(height) for x in starts(width)]
 
 
 def _check_frame(rgb: np.ndarray) -> np.ndarray:

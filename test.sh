@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Command 2 of the README: run the whole test suite (installs what the tests need first).
+set -euo pipefail
+cd "$(dirname "$0")"
+
+need_apt=()
+command -v espeak-ng >/dev/null 2>&1 || need_apt+=(espeak-ng)
+command -v sox >/dev/null 2>&1 || need_apt+=(sox)
+if [ ${#need_apt[@]} -gt 0 ]; then
+  echo "==> installing test tools with apt: ${need_apt[*]}"
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
+fi
+
+if [ ! -x .venv/bin/python ]; then
+  MUSETALK_NO_START=1 bash run.sh
+fi
+.venv/bin/python scripts/fetch_face_models.py --models-dir "${MUSETALK_MODELS_DIR:-models}"
+exec .venv/bin/python -m pytest -q "$@"
