@@ -83,6 +83,8 @@ _MESH_SIZE = 192
 _ROI_SCALE = 1.5  # mesh crop side relative to the longer side of the detected box
 _NMS_IOU = 0.3
 _MAX_DETECT_SIDE = 1024  # frames larger than this are downscaled once before detection
+_WEAK_DETECTION = 0.7  # below this BlazeFace score the mesh model must be sure of a face
+_SURE_FACE_LOGIT = 8.0  # mesh face-presence logit (sigmoid 0.9997); clear faces give ~20-28
 
 
 @dataclass(frozen=True)
@@ -268,8 +270,14 @@ class FaceLandmarker:
             if x1 - x0 < 2 or y1 - y0 < 2:
                 continue
             det = FaceDetection((x0, y0, x1, y1), score, tuple((float(x), float(y)) for x, y in kp / factor))
-            points = self._mesh_in_roi(frame, *_roi_from_detection(det))
-            if points is not None:
+            result = self._mesh_in_roi(frame, *_roi_from_detection(det))
+            if result is None:
+                continue
+            points, face_logit = result
+            # Two weak signals do not make a face: a cat scores 0.55-0.6 here with a mesh
+            # logit up to ~3.5, while blurred or half-covered real faces score >= 0.75.
+            needed = 0.0 if score >= _WEAK_DETECTION else _SURE_FACE_LOGIT
+            if face_logit >= needed:
                 found.append((det, points))
         return found
 
@@ -322,8 +330,10 @@ class FaceLandmarker:
         if detection is None:
             found = self._find(frame, 0.5)
             return found[0][1] if found else None
-        centre, side, angle = _roi_from_detection(detection)
-        return self._mesh_in_roi(frame, centre, side, angle)
+        result = self._mesh_in_roi(frame, *_roi_from_detection(detection))
+        if result is None or result[1] < 0.0:  # sigmoid < 0.5: the model sees no face there
+            return None
+        return result[0]
 
     def landmarks68(self, rgb: np.ndarray, detection: FaceDetection | None = None) -> np.ndarray | None:
         """iBUG-68 landmarks, (68, 2) float32 frame pixels, or None when there is no face."""
@@ -332,8 +342,14 @@ class FaceLandmarker:
             return None
         return mesh_to_68(points)
 
-    def _mesh_in_roi(self, frame: np.ndarray, centre: np.ndarray, side: float, angle: float) -> np.ndarray | None:
-        """Crop a rotated square ROI to 192x192, run the mesh model, map the points back."""
+    def _mesh_in_roi(
+        self, frame: np.ndarray, centre: np.ndarray, side: float, angle: float
+    ) -> tuple[np.ndarray, float] | None:
+        """Crop a rotated square ROI to 192x192, run the mesh model, map the points back.
+
+        Returns ((468, 2) float32 frame pixels, face-presence logit), or None when the ROI
+        lies outside the frame.
+        """
         # crop (continuous) coordinates u in [0, 192) -> frame (continuous) coordinates
         ex = np.array([math.cos(angle), math.sin(angle)])
         ey = np.array([-math.sin(angle), math.cos(angle)])
@@ -373,10 +389,8 @@ class FaceLandmarker:
             self._mesh.invoke()
             pts = self._mesh.get_tensor(self._mesh_points).reshape(468, 3)[:, :2].astype(np.float64)
             face_logit = float(self._mesh.get_tensor(self._mesh_face).reshape(-1)[0])
-        if face_logit < 0.0:  # sigmoid < 0.5: the model says there is no face in the crop
-            return None
         out = pts @ crop_to_frame[:, :2].T + crop_to_frame[:, 2]
-        return out.astype(np.float32)
+        return out.astype(np.float32), face_logit
 
 
 def mesh_to_68(mesh: np.ndarray) -> np.ndarray:

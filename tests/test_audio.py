@@ -1,0 +1,124 @@
+"""Audio features: the official 30 s file path and the streaming variant, on real speech."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from musetalk.audio import (
+    LOOKAHEAD_MS,
+    LOOKAHEAD_SAMPLES,
+    AudioFeatureEncoder,
+    StreamingAudioFeatures,
+    frame_count_for,
+    positional_encoding,
+)
+from musetalk.media import load_audio
+
+
+@pytest.fixture(scope="module")
+def encoder(models):
+    return AudioFeatureEncoder(models.whisper, models.feature_extractor, models.device, models.dtype)
+
+
+@pytest.fixture(scope="module")
+def speech_audio(speech):
+    return load_audio(speech)
+
+
+def official_windows(encoder: AudioFeatureEncoder, audio: np.ndarray, num_frames: int) -> torch.Tensor:
+    """MuseTalk's recipe written out literally: concat 30 s windows, trim, pad 4/12, slice [2i, 2i+10)."""
+    feats = torch.cat([encoder.encode_window(audio[s : s + 480000]) for s in range(0, len(audio), 480000)])
+    feats = feats[: math.floor(len(audio) / 16000 * 50)]
+    d = feats.shape[-1]
+    padded = torch.cat([torch.zeros(4, 5, d), feats, torch.zeros(12, 5, d)])
+    return torch.stack([padded[2 * i : 2 * i + 10].reshape(50, d) for i in range(num_frames)])
+
+
+def test_file_features_shape_and_recipe(encoder, speech_audio):
+    frames = frame_count_for(len(speech_audio))
+    feats = encoder.frame_features(speech_audio)
+    assert feats.shape == (frames, 50, encoder.dim)
+    assert frames == math.ceil(len(speech_audio) / 640)
+    # frame 0 sees 4 zero feature rows (80 ms) before the clip: its first 20 tokens are zeros
+    assert torch.count_nonzero(feats[0, :20]) == 0
+    assert torch.count_nonzero(feats[0, 20:]) > 0
+    torch.testing.assert_close(feats, official_windows(encoder, speech_audio, frames), rtol=0, atol=0)
+
+
+def test_long_audio_uses_several_30s_windows(encoder):
+    audio = (np.random.default_rng(0).standard_normal(16000 * 31) * 0.05).astype(np.float32)
+    feats = encoder.frame_features(audio)
+    assert feats.shape[0] == 31 * 25
+    torch.testing.assert_close(feats, official_windows(encoder, audio, 31 * 25), rtol=0, atol=0)
+
+
+def test_positional_encoding_values():
+    pe = positional_encoding(50, 384)
+    assert pe.shape == (1, 50, 384)
+    assert pe[0, 0, 0] == 0 and pe[0, 0, 1] == 1  # sin(0), cos(0)
+    assert torch.isclose(pe[0, 3, 0], torch.tensor(math.sin(3.0)))
+    assert torch.isclose(pe[0, 3, 3], torch.tensor(math.cos(3.0 * 10000 ** (-2 / 384))))
+
+
+def test_streaming_lookahead_is_exact(encoder):
+    stream = StreamingAudioFeatures(encoder)
+    assert LOOKAHEAD_SAMPLES == 2120 and LOOKAHEAD_MS == 132.5
+    audio = np.zeros(640 * 3 + LOOKAHEAD_SAMPLES, dtype=np.float32)
+    ready = stream.push(audio[:-1])
+    assert [f.index for f in ready] == [0, 1, 2]  # frame 3 needs one more sample
+    ready = stream.push(audio[-1:])
+    assert [f.index for f in ready] == [3]
+
+
+def test_streaming_matches_file_path_layout_and_measures_difference(encoder, speech_audio):
+    """Push 20 ms chunks as a transport would; compare with the file path frame by frame."""
+    stream = StreamingAudioFeatures(encoder)
+    out = []
+    for start in range(0, len(speech_audio), 320):
+        out += stream.push(speech_audio[start : start + 320])
+    streamed_before_flush = len(out)
+    out += stream.flush()
+    file_feats = encoder.frame_features(speech_audio)
+    assert [f.index for f in out] == list(range(file_feats.shape[0]))
+    assert streamed_before_flush >= file_feats.shape[0] - 4  # only the look-ahead tail waits for the flush
+    for f in out:  # each frame carries exactly its own 40 ms of audio
+        expected = speech_audio[f.index * 640 : f.index * 640 + 640]
+        np.testing.assert_array_equal(f.pcm[: len(expected)], expected)
+    live = torch.stack([f.features for f in out])
+    err = (live - file_feats).norm(dim=(1, 2)) / file_feats.norm(dim=(1, 2)).clamp_min(1e-6)
+    cos = torch.nn.functional.cosine_similarity(live.flatten(1), file_feats.flatten(1), dim=1)
+    print(
+        f"\nstreaming vs file features over {len(out)} frames: relative L2 error median {err.median():.3f} "
+        f"max {err.max():.3f}; cosine median {cos.median():.4f} min {cos.min():.4f}"
+    )
+    # Zero padding rows agree exactly; the rest is close but not equal (the encoder cannot see the future).
+    assert torch.count_nonzero(live[0, :20]) == 0
+    assert cos.median() > 0.9
+    assert torch.isfinite(live).all()
+
+
+def test_streaming_reset_drops_everything(encoder, speech_audio):
+    stream = StreamingAudioFeatures(encoder)
+    stream.push(speech_audio[:16000])
+    stream.reset()
+    assert stream.pending_samples == 0
+    assert stream.flush() == []
+    ready = stream.push(np.zeros(640 + LOOKAHEAD_SAMPLES, dtype=np.float32))
+    assert ready[0].index == 0  # a new utterance starts at frame 0 again
+
+
+def test_audio_inputs_any_format(media_dir):
+    import media
+
+    mono16 = load_audio(media.speech_wav(media_dir / "a16.wav", "one two three"))
+    stereo48 = load_audio(media.speech_wav(media_dir / "a48.wav", "one two three", rate=48000, stereo=True))
+    m4a = load_audio(media.audio_only_file(media_dir / "a.m4a", "one two three"))
+    assert mono16.dtype == np.float32 and stereo48.dtype == np.float32
+    assert abs(len(stereo48) - len(mono16)) <= 160  # same speech, resampled to 16 kHz mono
+    assert abs(len(m4a) - len(mono16)) < 16000 * 0.1  # AAC adds a little padding
+    silent = load_audio(media.silence_wav(media_dir / "silent.wav", 1.0, rate=48000))
+    assert len(silent) == 16000 and np.count_nonzero(silent) == 0
