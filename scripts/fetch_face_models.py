@@ -54,8 +54,14 @@ _FALLBACK_TARGETS: list[list[str]] = [
 ]
 
 _NETWORK_ERRORS = (
-    "NewConnectionError", "ConnectTimeout", "ConnectionError", "Max retries exceeded",
-    "Temporary failure in name resolution", "ProxyError", "SSLError", "Network is unreachable",
+    "NewConnectionError",
+    "ConnectTimeout",
+    "ConnectionError",
+    "Max retries exceeded",
+    "Temporary failure in name resolution",
+    "ProxyError",
+    "SSLError",
+    "Network is unreachable",
 )
 
 
@@ -76,8 +82,16 @@ def _download_wheel(tmp: Path) -> Path:
     logs: list[str] = []
     for extra in _FALLBACK_TARGETS:
         cmd = [
-            sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:",
-            f"mediapipe=={MEDIAPIPE_VERSION}", "-d", str(tmp), *extra,
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            f"mediapipe=={MEDIAPIPE_VERSION}",
+            "-d",
+            str(tmp),
+            *extra,
         ]
         print("running:", " ".join(cmd), flush=True)
         proc = subprocess.run(cmd, check=False, capture_output=True, text=True)

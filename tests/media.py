@@ -61,8 +61,14 @@ def _write_mp4(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     clip = ImageSequenceClip(frames, fps=fps)
     try:
         clip.write_videofile(
-            str(path), fps=fps, codec="libx264", audio=False, logger=None,
-            preset="ultrafast", threads=2, pixel_format="yuv420p",
+            str(path),
+            fps=fps,
+            codec="libx264",
+            audio=False,
+            logger=None,
+            preset="ultrafast",
+            threads=2,
+            pixel_format="yuv420p",
         )
     finally:
         clip.close()
@@ -78,10 +84,35 @@ def _write_vfr_mp4(path: Path, frames: list[np.ndarray], fps: float) -> Path:
     h, w = frames[0].shape[:2]
     pts = f"(N/{fps}+{0.35 / fps:.6f}*sin(N))/TB"
     cmd = [
-        _ffmpeg(), "-y", "-loglevel", "error",
-        "-f", "rawvideo", "-pix_fmt", "rgb24", "-s", f"{w}x{h}", "-r", str(fps), "-i", "pipe:0",
-        "-vf", f"settb=1/90000,setpts={pts}", "-fps_mode", "vfr", "-enc_time_base", "1/90000", "-video_track_timescale", "90000",
-        "-c:v", "libx264", "-preset", "ultrafast", "-pix_fmt", "yuv420p", str(path),
+        _ffmpeg(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-f",
+        "rawvideo",
+        "-pix_fmt",
+        "rgb24",
+        "-s",
+        f"{w}x{h}",
+        "-r",
+        str(fps),
+        "-i",
+        "pipe:0",
+        "-vf",
+        f"settb=1/90000,setpts={pts}",
+        "-fps_mode",
+        "vfr",
+        "-enc_time_base",
+        "1/90000",
+        "-video_track_timescale",
+        "90000",
+        "-c:v",
+        "libx264",
+        "-preset",
+        "ultrafast",
+        "-pix_fmt",
+        "yuv420p",
+        str(path),
     ]
     data = b"".join(np.ascontiguousarray(f).tobytes() for f in frames)
     proc = subprocess.run(cmd, input=data, capture_output=True, check=False)
@@ -166,8 +197,21 @@ def two_faces_video(path: str | Path, seconds: float = 1.0, fps: float = 25) -> 
 
 def _run_ffmpeg_audio(src: Path, dst: Path, rate: int, channels: int, extra: list[str]) -> None:
     cmd = [
-        _ffmpeg(), "-y", "-loglevel", "error", "-i", str(src), "-vn",
-        "-ar", str(rate), "-ac", str(channels), *extra, "-map_metadata", "-1", str(dst),
+        _ffmpeg(),
+        "-y",
+        "-loglevel",
+        "error",
+        "-i",
+        str(src),
+        "-vn",
+        "-ar",
+        str(rate),
+        "-ac",
+        str(channels),
+        *extra,
+        "-map_metadata",
+        "-1",
+        str(dst),
     ]
     proc = subprocess.run(cmd, capture_output=True, check=False)
     if proc.returncode != 0:
@@ -205,8 +249,11 @@ def silence_wav(path: str | Path, seconds: float = 1.0, rate: int = 16000) -> Pa
 def audio_only_file(path: str | Path, text: str = DEFAULT_TEXT) -> Path:
     """Speech with no video stream; the format follows the suffix (.m4a AAC, .mp3, .ogg ...)."""
     path = _prepare(path)
-    codec = {".m4a": ["-c:a", "aac", "-b:a", "64k"], ".mp4": ["-c:a", "aac", "-b:a", "64k"],
-             ".mp3": ["-c:a", "libmp3lame", "-b:a", "64k"]}.get(path.suffix.lower(), [])
+    codec = {
+        ".m4a": ["-c:a", "aac", "-b:a", "64k"],
+        ".mp4": ["-c:a", "aac", "-b:a", "64k"],
+        ".mp3": ["-c:a", "libmp3lame", "-b:a", "64k"],
+    }.get(path.suffix.lower(), [])
     with tempfile.TemporaryDirectory() as tmp:
         raw = Path(tmp) / "espeak.wav"
         _espeak(text, raw)

@@ -34,10 +34,12 @@ FETCH_COMMAND = "python scripts/fetch_face_models.py"
 
 # Face oval of the 468-point mesh, in order: forehead top (10), down the image-right side
 # to the chin (152), up the image-left side. Used as a polygon for face masks.
+# fmt: off
 FACE_OVAL: tuple[int, ...] = (
     10, 338, 297, 332, 284, 251, 389, 356, 454, 323, 361, 288, 397, 365, 379, 378, 400, 377,
     152, 148, 176, 149, 150, 136, 172, 58, 132, 93, 234, 127, 162, 21, 54, 103, 67, 109,
 )
+# fmt: on
 
 # 68-point iBUG layout picked out of the 468-point mesh. "Right" means the subject's right
 # (image left). How the table was built, group by group, from the mesh topology (the contour
@@ -59,6 +61,7 @@ FACE_OVAL: tuple[int, ...] = (
 #   nostril contour 98-97-2-326-327.
 # MuseTalk's box uses 28, 29, 30 and the extremes of all points (jaw width, chin), which is
 # why the jaw and bridge were checked most carefully.
+# fmt: off
 MESH_TO_IBUG68: tuple[int, ...] = (
     # 0-16 jaw: image-left face edge at eye height, down the oval to the chin (152), up again.
     127, 234, 132, 58, 172, 136, 149, 148, 152, 377, 378, 365, 397, 288, 361, 454, 356,
@@ -77,6 +80,7 @@ MESH_TO_IBUG68: tuple[int, ...] = (
     # 60-67 inner lips: right corner, upper inner lip, left corner, lower inner lip back.
     78, 82, 13, 312, 308, 317, 14, 87,
 )
+# fmt: on
 
 _DET_SIZE = 128
 _MESH_SIZE = 192
@@ -360,7 +364,10 @@ class FaceLandmarker:
         # Large ROIs are shrunk first so the warp does not alias (bilinear skips pixels).
         src, src_map = frame, np.eye(3)
         if k > 2.0:
-            corners = crop_to_frame @ np.array([[0, 0, 1], [_MESH_SIZE, 0, 1], [0, _MESH_SIZE, 1], [_MESH_SIZE, _MESH_SIZE, 1]]).T
+            corners = (
+                crop_to_frame
+                @ np.array([[0, 0, 1], [_MESH_SIZE, 0, 1], [0, _MESH_SIZE, 1], [_MESH_SIZE, _MESH_SIZE, 1]]).T
+            )
             x0 = int(max(0, math.floor(corners[0].min()) - 2))
             y0 = int(max(0, math.floor(corners[1].min()) - 2))
             x1 = int(min(frame.shape[1], math.ceil(corners[0].max()) + 2))
@@ -369,7 +376,11 @@ class FaceLandmarker:
                 return None
             f = 1.0 / (k / 1.5)  # leave the warp a 1.5x reduction
             region = frame[y0:y1, x0:x1]
-            src = cv2.resize(region, (max(1, round(region.shape[1] * f)), max(1, round(region.shape[0] * f))), interpolation=cv2.INTER_AREA)
+            src = cv2.resize(
+                region,
+                (max(1, round(region.shape[1] * f)), max(1, round(region.shape[0] * f))),
+                interpolation=cv2.INTER_AREA,
+            )
             sx, sy = src.shape[1] / region.shape[1], src.shape[0] / region.shape[0]
             src_map = np.array([[sx, 0, -x0 * sx], [0, sy, -y0 * sy], [0, 0, 1]])
 
@@ -380,8 +391,12 @@ class FaceLandmarker:
         full = np.vstack([crop_to_frame, [0, 0, 1]])
         warp = (from_cont @ src_map @ full @ to_cont)[:2]
         crop = cv2.warpAffine(
-            src, warp, (_MESH_SIZE, _MESH_SIZE),
-            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT, borderValue=0,
+            src,
+            warp,
+            (_MESH_SIZE, _MESH_SIZE),
+            flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP,
+            borderMode=cv2.BORDER_CONSTANT,
+            borderValue=0,
         )
         tensor = crop.astype(np.float32)[None] / 255.0
         with self._lock:
@@ -433,7 +448,7 @@ def _check_frame(rgb: np.ndarray) -> np.ndarray:
         raise MediaError(f"Face detection needs an (H, W, 3) uint8 RGB frame, got a {desc}.")
     if rgb.shape[0] < 8 or rgb.shape[1] < 8:
         raise MediaError(f"Frame of {rgb.shape[1]}x{rgb.shape[0]} pixels is too small to find a face in.")
-    return rgb
+    return np.ascontiguousarray(rgb)  # views such as frame[:, ::-1] trip some cv2 calls
 
 
 def _downscale(frame: np.ndarray, max_side: int) -> tuple[np.ndarray, float]:
