@@ -54,7 +54,14 @@ def write_tiny_models(models_dir: Path, landmarks_dir: Path | None, *, with_pars
     if with_parser:
         from musetalk.face.parsing import save_random_parser
 
-        save_random_parser(paths.face_parsing_dir, base_channels=8, seed=seed)
+        # Random weights, except the main head scores "skin" (class 1) everywhere: a random
+        # parser finds no skin, and an empty mask would hide the generated face from tests.
+        path = save_random_parser(paths.face_parsing_dir, base_channels=8, seed=seed)
+        state = torch.load(path, weights_only=True)
+        head = torch.zeros_like(state["conv_out.conv_out.weight"])
+        head[1] = 1.0
+        state["conv_out.conv_out.weight"] = head
+        torch.save(state, path)
     if landmarks_dir is not None:
         shutil.copytree(landmarks_dir, paths.face_landmarks_dir, dirs_exist_ok=True)
     return paths
