@@ -6,8 +6,9 @@ into 30 s windows, each padded to 30 s and run through the encoder; the 5 hidden
 frames per second, padded with 4 zero frames on the left and 12 on the right, and video
 frame `i` takes feature frames `[2i, 2i + 10)` of the padded sequence -> `(50, D)`.
 
-Live path (`StreamingAudioFeatures`): the same encoder on a rolling window that ends at
-the newest audio (up to `context_seconds` of history, padded to 30 s like the file path).
+Live path (`StreamingAudioFeatures` + `FeatureRequest`): the same encoder on a rolling
+window that ends at the newest audio (up to `context_seconds` of history, padded to 30 s
+like the file path), one encoder pass per batch of frames.
 Frame `i` covers samples `[640 i, 640 i + 640)`; its last feature frame `2i + 5` reaches
 through the encoder's two convolutions and the 25 ms mel window to sample `640 i + 2120`,
 so a frame is ready `LOOKAHEAD_MS` = 132.5 ms after its first sample arrives (92.5 ms
@@ -18,6 +19,7 @@ audio that has not arrived yet; `tests/test_audio.py` measures that difference.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,7 +92,7 @@ class AudioFeatureEncoder:
         return windows_from_features(self.encode(audio), 0, num_frames)
 
 
-def windows_from_features(feats: torch.Tensor, first_feature: int, frame_indices: range | int) -> torch.Tensor:
+def windows_from_features(feats: torch.Tensor, first_feature: int, frame_indices: Sequence[int] | int) -> torch.Tensor:
     """Cut per-frame windows out of features whose row 0 is global feature `first_feature`.
 
     Rows outside the available range are zeros, which reproduces MuseTalk's 4-left /
@@ -109,25 +111,45 @@ def windows_from_features(feats: torch.Tensor, first_feature: int, frame_indices
 
 @dataclass(frozen=True)
 class ReadyFrame:
-    """One video frame's worth of live audio and its feature window."""
+    """A video frame whose audio (and look-ahead) has fully arrived."""
 
     index: int  # frame number since the stream (utterance) started
-    features: torch.Tensor  # (50, D) float32
     pcm: np.ndarray  # (640,) float32, this frame's own 40 ms of audio
 
 
-class StreamingAudioFeatures:
-    """Live audio in, per-frame feature windows out, with `LOOKAHEAD_MS` of look-ahead.
+@dataclass(frozen=True)
+class FeatureRequest:
+    """Everything needed to compute some frames' features later, in another thread.
 
-    Not thread-safe: one producer feeds it (the bot's worker thread). `reset()` drops
-    everything at once (interruptions); `flush()` ends an utterance, padding its tail
-    with zeros exactly as the file path does.
+    `window` is a copy of the audio the encoder will see (it ends at the newest sample
+    received when the request was made); `first_feature` is its global feature row.
     """
 
-    def __init__(self, encoder: AudioFeatureEncoder, *, context_seconds: float = 20.0):
+    window: np.ndarray
+    first_feature: int
+    frames: tuple[int, ...]
+
+    def compute(self, encoder: AudioFeatureEncoder) -> torch.Tensor:
+        """-> `(len(frames), 50, D) float32`; one encoder pass for all the frames."""
+        feats = encoder.encode_window(self.window)
+        # Like the file path, keep only whole 20 ms rows of real audio; beyond them is zero padding.
+        feats = feats[: len(self.window) // SAMPLES_PER_FEATURE]
+        return windows_from_features(feats, self.first_feature, self.frames)
+
+
+class StreamingAudioFeatures:
+    """Live audio bookkeeping: which frames are ready, their audio, and feature requests.
+
+    Cheap (no model work), so it runs on the event loop; the encoder runs later on a
+    `FeatureRequest` in the worker thread, once per batch. Frame `i` is ready
+    `LOOKAHEAD_MS` after its first sample arrived. `reset()` drops everything at once
+    (interruptions); `flush()` releases the tail of an utterance, whose missing
+    look-ahead is zero padding exactly as in the file path. Not thread-safe.
+    """
+
+    def __init__(self, *, context_seconds: float = 20.0):
         if not 1.0 <= context_seconds <= WINDOW_SECONDS - 1:
             raise ValueError("context_seconds must be between 1 and 29")
-        self.encoder = encoder
         self.context_samples = int(context_seconds * AUDIO_SAMPLE_RATE) // SAMPLES_PER_FEATURE * SAMPLES_PER_FEATURE
         self.reset()
 
@@ -137,48 +159,48 @@ class StreamingAudioFeatures:
         self._next_frame = 0
 
     @property
-    def pending_samples(self) -> int:
-        return self._audio_start + len(self._audio) - self._next_frame * SAMPLES_PER_VIDEO_FRAME
+    def total_samples(self) -> int:
+        return self._audio_start + len(self._audio)
+
+    @property
+    def next_frame(self) -> int:
+        return self._next_frame
 
     def push(self, pcm: np.ndarray) -> list[ReadyFrame]:
         """Append 16 kHz mono float32 audio; return the frames whose look-ahead is now complete."""
         self._audio = np.concatenate([self._audio, np.asarray(pcm, dtype=np.float32).reshape(-1)])
-        total = self._audio_start + len(self._audio)
-        last_ready = (total - LOOKAHEAD_SAMPLES) // SAMPLES_PER_VIDEO_FRAME  # frames 0..last_ready are ready
-        return self._emit(range(self._next_frame, last_ready + 1), total)
+        last_ready = (self.total_samples - LOOKAHEAD_SAMPLES) // SAMPLES_PER_VIDEO_FRAME
+        return self._release(range(self._next_frame, last_ready + 1))
 
     def flush(self) -> list[ReadyFrame]:
-        """End of utterance: emit every remaining frame (zero features past the end), then reset."""
-        total = self._audio_start + len(self._audio)
-        frames = self._emit(range(self._next_frame, frame_count_for(total) if total else 0), total)
-        self.reset()
-        return frames
+        """End of utterance: release every remaining frame (request their features before `reset()`)."""
+        total = self.total_samples
+        return self._release(range(self._next_frame, frame_count_for(total) if total else 0))
 
-    def _emit(self, frames: range, total: int) -> list[ReadyFrame]:
-        if len(frames) == 0:
-            return []
+    def request(self, frames: Sequence[int]) -> FeatureRequest:
+        """Snapshot for computing `frames`' features with everything heard so far as context."""
+        total = self.total_samples
         window_start = max(self._audio_start, total - self.context_samples)
         window_start -= (window_start - self._audio_start) % SAMPLES_PER_FEATURE
-        window = self._audio[window_start - self._audio_start : total - self._audio_start]
-        feats = self.encoder.encode_window(window)
-        first_feature = window_start // SAMPLES_PER_FEATURE
-        # Like the file path, keep only whole 20 ms rows of real audio; beyond them is zero padding.
-        feats = feats[: len(window) // SAMPLES_PER_FEATURE]
-        windows = windows_from_features(feats, first_feature, frames)
+        window = self._audio[window_start - self._audio_start :].copy()
+        return FeatureRequest(window, window_start // SAMPLES_PER_FEATURE, tuple(frames))
+
+    def _release(self, frames: range) -> list[ReadyFrame]:
         ready = []
-        for k, i in enumerate(frames):
+        for i in frames:
             a = i * SAMPLES_PER_VIDEO_FRAME - self._audio_start
             pcm = self._audio[max(a, 0) : a + SAMPLES_PER_VIDEO_FRAME]
             if len(pcm) < SAMPLES_PER_VIDEO_FRAME:
                 pcm = np.pad(pcm, (0, SAMPLES_PER_VIDEO_FRAME - len(pcm)))
-            ready.append(ReadyFrame(index=i, features=windows[k], pcm=pcm))
-        self._next_frame = frames.stop
+            ready.append(ReadyFrame(index=i, pcm=pcm))
+        if len(frames):
+            self._next_frame = frames.stop
         self._trim()
         return ready
 
     def _trim(self) -> None:
-        """Keep only the history the next window can use."""
-        keep_from = self._audio_start + len(self._audio) - self.context_samples - SAMPLES_PER_VIDEO_FRAME
+        """Keep only the history a window can use (and the frames not yet released)."""
+        keep_from = self.total_samples - self.context_samples - SAMPLES_PER_VIDEO_FRAME
         keep_from = min(keep_from, self._next_frame * SAMPLES_PER_VIDEO_FRAME)
         drop = (keep_from - self._audio_start) // SAMPLES_PER_FEATURE * SAMPLES_PER_FEATURE
         if drop > 0:

@@ -64,8 +64,8 @@ def test_positional_encoding_values():
     assert torch.isclose(pe[0, 3, 3], torch.tensor(math.cos(3.0 * 10000 ** (-2 / 384))))
 
 
-def test_streaming_lookahead_is_exact(encoder):
-    stream = StreamingAudioFeatures(encoder)
+def test_streaming_lookahead_is_exact():
+    stream = StreamingAudioFeatures()
     assert LOOKAHEAD_SAMPLES == 2120 and LOOKAHEAD_MS == 132.5
     audio = np.zeros(640 * 3 + LOOKAHEAD_SAMPLES, dtype=np.float32)
     ready = stream.push(audio[:-1])
@@ -76,19 +76,24 @@ def test_streaming_lookahead_is_exact(encoder):
 
 def test_streaming_matches_file_path_layout_and_measures_difference(encoder, speech_audio):
     """Push 20 ms chunks as a transport would; compare with the file path frame by frame."""
-    stream = StreamingAudioFeatures(encoder)
-    out = []
+    stream = StreamingAudioFeatures()
+    out, feats = [], []
     for start in range(0, len(speech_audio), 320):
-        out += stream.push(speech_audio[start : start + 320])
+        ready = stream.push(speech_audio[start : start + 320])
+        if ready:  # like the bot: one encoder pass per batch of ready frames
+            feats.append(stream.request([f.index for f in ready]).compute(encoder))
+        out += ready
     streamed_before_flush = len(out)
-    out += stream.flush()
+    tail = stream.flush()
+    feats.append(stream.request([f.index for f in tail]).compute(encoder))
+    out += tail
     file_feats = encoder.frame_features(speech_audio)
     assert [f.index for f in out] == list(range(file_feats.shape[0]))
     assert streamed_before_flush >= file_feats.shape[0] - 4  # only the look-ahead tail waits for the flush
     for f in out:  # each frame carries exactly its own 40 ms of audio
         expected = speech_audio[f.index * 640 : f.index * 640 + 640]
         np.testing.assert_array_equal(f.pcm[: len(expected)], expected)
-    live = torch.stack([f.features for f in out])
+    live = torch.cat(feats)
     err = (live - file_feats).norm(dim=(1, 2)) / file_feats.norm(dim=(1, 2)).clamp_min(1e-6)
     cos = torch.nn.functional.cosine_similarity(live.flatten(1), file_feats.flatten(1), dim=1)
     print(
@@ -101,11 +106,21 @@ def test_streaming_matches_file_path_layout_and_measures_difference(encoder, spe
     assert torch.isfinite(live).all()
 
 
-def test_streaming_reset_drops_everything(encoder, speech_audio):
-    stream = StreamingAudioFeatures(encoder)
+def test_streaming_batches_share_one_encoder_pass(encoder, speech_audio):
+    stream = StreamingAudioFeatures()
+    ready = stream.push(speech_audio[:32000])
+    request = stream.request([f.index for f in ready])
+    batch = request.compute(encoder)
+    assert batch.shape == (len(ready), 50, encoder.dim)
+    one = stream.request([ready[7].index]).compute(encoder)
+    torch.testing.assert_close(one[0], batch[7], rtol=0, atol=0)  # same window -> same features
+
+
+def test_streaming_reset_drops_everything(speech_audio):
+    stream = StreamingAudioFeatures()
     stream.push(speech_audio[:16000])
     stream.reset()
-    assert stream.pending_samples == 0
+    assert stream.total_samples == 0 and stream.next_frame == 0
     assert stream.flush() == []
     ready = stream.push(np.zeros(640 + LOOKAHEAD_SAMPLES, dtype=np.float32))
     assert ready[0].index == 0  # a new utterance starts at frame 0 again
