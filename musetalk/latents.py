@@ -32,7 +32,42 @@ def encode_crops(vae, crops: np.ndarray, *, generator: torch.Generator | None = 
 
 @torch.inference_mode()
 def decode_latents(vae, latents: torch.Tensor) -> torch.Tensor:
-    """`(B, 4, 32, 32)` UNet output -> `(B, 256, 256, 3) uint8` RGB faces, still on the model's device."""
-    image = vae.decode(latents.to(vae.dtype) / VAE_SCALING_FACTOR).sample
-    image = (image.float() / 2 + 0.5).clamp(0, 1)
-    return (image * 255).round().to(torch.uint8).permute(0, 2, 3, 1)
+    """`(B, 4, 32, 32)` UNet output -> `(B, 256, 256, 3) uint8` RGB faces, still on the model's device.
+
+    Bit for bit MuseTalk's `decode_latents`: the latents are multiplied by the reciprocal of
+    the scaling factor (dividing by it rounds differently in ~20 % of elements), and
+    `x / 2 + 0.5` and the clamp run in the VAE's dtype before the float32 `* 255` and the
+    round-half-to-even. The faces come back contiguous, ready for one device-to-host copy.
+    """
+    image = vae.decode(((1 / VAE_SCALING_FACTOR) * latents).to(vae.dtype)).sample
+    return _to_uint8(image)
+
+
+def _to_uint8(image: torch.Tensor) -> torch.Tensor:
+    image = (image / 2 + 0.5).clamp(0, 1)
+    return (image.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+
+
+def bf16_decode_supported(device: torch.device | str) -> bool:
+    """Whether `decode_latents_approx` has a cheaper path on this device (CPU with native bf16)."""
+    if torch.device(device).type != "cpu":
+        return False
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+@torch.inference_mode()
+def decode_latents_approx(vae, latents: torch.Tensor) -> torch.Tensor:
+    """Opt-in approximate `decode_latents`: the decoder under bf16 autocast on CPUs with native bf16.
+
+    About 3x cheaper than the fp32 decode on AMX CPUs; results differ from `decode_latents`
+    (the bench reports the PSNR). Elsewhere (no bf16 units, or CUDA where the models already
+    run in fp16) it is `decode_latents` itself.
+    """
+    if not bf16_decode_supported(vae.device):
+        return decode_latents(vae, latents)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        image = vae.decode(((1 / VAE_SCALING_FACTOR) * latents).to(vae.dtype)).sample
+    return _to_uint8(image.to(vae.dtype))

@@ -7,11 +7,11 @@ import os
 import subprocess
 import sys
 
+import media
 import numpy as np
 import pytest
-
-import media
 from conftest import REPO
+
 from musetalk.errors import MediaError
 from musetalk.media import load_audio, probe_duration, read_video
 from musetalk.render import render

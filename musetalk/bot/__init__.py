@@ -1,0 +1,1 @@
+"""Pipecat adapter: the only package that imports pipecat."""

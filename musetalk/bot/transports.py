@@ -1,0 +1,356 @@
+"""Where the bot's audio and video go: a Daily room, or a local page served by the bot itself.
+
+* `TransportSettings` says which (and never shows the Daily token: not in repr, status or errors).
+* `validate_room_url` refuses a malformed Daily URL before anything starts.
+* `make_daily_transport` builds Pipecat's `DailyTransport`.
+* `LocalWebRTCServer` is the no-account option: a FastAPI app on `host:port` serving a page
+  (`/`, `/client`) that sends the microphone and shows the avatar, plus Pipecat's SmallWebRTC
+  signalling (`POST /api/offer` with the SDP offer, `PATCH /api/offer` with ICE candidates),
+  so Pipecat's own prebuilt client can connect too. It runs with uvicorn inside the caller's
+  event loop (the bot thread); each new connection is handed to `on_connection`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import json
+import re
+import socket
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from loguru import logger
+
+from musetalk.errors import ConfigError, MuseTalkError
+
+if TYPE_CHECKING:
+    from pipecat.transports.base_transport import TransportParams
+    from pipecat.transports.daily.transport import DailyParams, DailyTransport
+    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+
+STATIC_DIR = Path(__file__).parent / "static"
+TRANSPORT_KINDS = ("local", "daily")
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7861
+DAILY_URL_EXAMPLE = "https://your-domain.daily.co/room-name"
+
+_HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+_ROOM_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
+
+
+@dataclass(frozen=True)
+class TransportSettings:
+    """Where the bot goes: `local` (a page on host:port) or `daily` (a Daily room).
+
+    `token` is a secret: it is left out of `repr`, of the runner's status and of error
+    messages. `port` 0 picks a free port (the local page URL then says which).
+    """
+
+    kind: str = "local"
+    room_url: str | None = None
+    token: str | None = field(default=None, repr=False)
+    bot_name: str = "MuseTalk avatar"
+    host: str = DEFAULT_HOST
+    port: int = DEFAULT_PORT
+
+    def __post_init__(self) -> None:
+        if self.kind not in TRANSPORT_KINDS:
+            raise ConfigError(f"Unknown transport {self.kind!r}: use 'local' (a page on this machine) or 'daily'.")
+        if self.kind == "daily":
+            object.__setattr__(self, "room_url", validate_room_url(self.room_url))
+            if self.token is not None and (not isinstance(self.token, str) or any(c.isspace() for c in self.token)):
+                raise ConfigError("The Daily token must be one word without spaces (copy it again from Daily).")
+            if not self.token:
+                object.__setattr__(self, "token", None)
+        if not isinstance(self.port, int) or not 0 <= self.port <= 65535:
+            raise ConfigError(f"Port {self.port!r} is out of range: use 1-65535 (or 0 for any free port).")
+        if not self.host or any(c.isspace() for c in self.host):
+            raise ConfigError(f"Host {self.host!r} is not a valid address (e.g. 127.0.0.1 or 0.0.0.0).")
+        if not self.bot_name or len(self.bot_name) > 100:
+            raise ConfigError("The bot name must be 1-100 characters.")
+
+
+def validate_room_url(url: str | None) -> str:
+    """A Daily room URL, checked before anything starts: `https://<sub>.daily.co/<room>`.
+
+    A custom domain is accepted as `https://<host>/<room path>`. Returns the URL without
+    surrounding whitespace; raises `ConfigError` saying what is wrong otherwise. A query
+    string is refused: a token belongs in the token field, not in a URL that gets logged.
+    """
+    if url is None or not isinstance(url, str) or not url.strip():
+        raise ConfigError(f"A Daily room URL is required, e.g. {DAILY_URL_EXAMPLE}")
+    url = url.strip()
+    if any(c.isspace() for c in url):
+        raise ConfigError(f"The Daily room URL {url!r} contains spaces; copy it again, e.g. {DAILY_URL_EXAMPLE}")
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except ValueError as exc:
+        raise ConfigError(f"The Daily room URL {url!r} is malformed ({exc}); expected e.g. {DAILY_URL_EXAMPLE}") from exc
+    if parts.scheme.lower() != "https":
+        raise ConfigError(f"The Daily room URL must start with https:// (got {url!r}); e.g. {DAILY_URL_EXAMPLE}")
+    host = (parts.hostname or "").lower()
+    if parts.username is not None or parts.password is not None:
+        raise ConfigError("The Daily room URL must not contain a user name or password.")
+    labels = host.split(".")
+    if len(labels) < 2 or not all(_HOST_LABEL.fullmatch(label) for label in labels) or port == 0:
+        raise ConfigError(f"The Daily room URL {url!r} has no valid host name; expected e.g. {DAILY_URL_EXAMPLE}")
+    if parts.query or parts.fragment or url.endswith(("?", "#")):
+        raise ConfigError(
+            "The Daily room URL must not have a query (?...) or fragment (#...): pass a meeting token "
+            "with --token (or the token field), not inside the URL."
+        )
+    segments = [s for s in parts.path.split("/") if s]
+    if not segments:
+        raise ConfigError(f"The Daily room URL {url!r} names no room; expected e.g. {DAILY_URL_EXAMPLE}")
+    if "//" in parts.path.rstrip("/") or not all(_ROOM_SEGMENT.fullmatch(s) for s in segments):
+        raise ConfigError(
+            f"The Daily room URL {url!r} has an invalid room path: use letters, digits, '-', '_' and '.'."
+        )
+    if host == "daily.co":
+        raise ConfigError(f"The Daily room URL needs your Daily subdomain, e.g. {DAILY_URL_EXAMPLE}")
+    if host.endswith(".daily.co"):
+        if len(labels) != 3:
+            raise ConfigError(f"The Daily room URL {url!r} should be https://<subdomain>.daily.co/<room>.")
+        if len(segments) != 1:
+            raise ConfigError(f"The Daily room URL {url!r} should have exactly one room name after the domain.")
+    return url
+
+
+def make_daily_transport(settings: TransportSettings, params: TransportParams) -> DailyTransport:
+    """Pipecat's `DailyTransport` for the room in `settings` (params converted to `DailyParams`)."""
+    from pipecat.transports.daily.transport import DailyParams, DailyTransport
+
+    if settings.kind != "daily":
+        raise ConfigError("make_daily_transport needs TransportSettings(kind='daily', room_url=...).")
+    room_url = validate_room_url(settings.room_url)
+    daily_params: DailyParams = params if isinstance(params, DailyParams) else DailyParams(**params.model_dump())
+    return DailyTransport(room_url, settings.token, settings.bot_name, params=daily_params)
+
+
+def make_local_transport(connection: SmallWebRTCConnection, params: TransportParams) -> SmallWebRTCTransport:
+    """Pipecat's `SmallWebRTCTransport` for one browser connection of the local page."""
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+
+    return SmallWebRTCTransport(webrtc_connection=connection, params=params)
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """A listening TCP socket, or a `MuseTalkError` saying why it cannot be had."""
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as exc:
+        raise ConfigError(f"Cannot serve the local page on {host}: unknown address ({exc.strerror}).") from exc
+    family, _, _, _, address = infos[0]
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(64)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        if exc.errno == errno.EADDRINUSE:
+            raise MuseTalkError(
+                f"Port {port} on {host} is already in use (another bot or program?): stop it or pick another port."
+            ) from exc
+        raise MuseTalkError(f"Cannot serve the local page on {host}:{port}: {exc.strerror or exc}.") from exc
+    return sock
+
+
+def _url_host(host: str) -> str:
+    if host in ("0.0.0.0", ""):
+        return "127.0.0.1"
+    if host == "::":
+        return "[::1]"
+    return f"[{host}]" if ":" in host else host
+
+
+class LocalWebRTCServer:
+    """The local page and SmallWebRTC signalling, served by uvicorn in the current event loop.
+
+    Usage (inside a coroutine): `await server.start()` binds the port (raising a readable
+    `MuseTalkError` if it is taken), `server.url` is the page, `await server.stop()` closes
+    every peer connection and frees the port. `on_connection(connection)` is awaited for each
+    new browser connection, before the SDP answer goes back; it starts that viewer's pipeline.
+    `status()` feeds `GET /api/status` (shown on the page) and must hold no secrets.
+    """
+
+    def __init__(
+        self,
+        settings: TransportSettings,
+        on_connection: Callable[[SmallWebRTCConnection], Awaitable[None]],
+        *,
+        status: Callable[[], dict[str, Any]] | None = None,
+    ):
+        if settings.kind != "local":
+            raise ConfigError("LocalWebRTCServer needs TransportSettings(kind='local').")
+        self.settings = settings
+        self._on_connection = on_connection
+        self._status = status or (lambda: {})
+        self._socket: socket.socket | None = None
+        self._server: Any = None  # uvicorn.Server
+        self._serve_task: asyncio.Task | None = None
+        self._handler: Any = None  # SmallWebRTCRequestHandler
+        self.port: int | None = None
+        self.app = self._build_app()
+
+    @property
+    def url(self) -> str:
+        port = self.port if self.port is not None else self.settings.port
+        return f"http://{_url_host(self.settings.host)}:{port}/"
+
+    # ------------------------------------------------------------------ app
+    def _build_app(self):
+        from fastapi import FastAPI, HTTPException, Request
+        from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
+        from pipecat.transports.smallwebrtc.request_handler import (
+            IceCandidate,
+            SmallWebRTCPatchRequest,
+            SmallWebRTCRequest,
+            SmallWebRTCRequestHandler,
+        )
+
+        self._handler = SmallWebRTCRequestHandler()
+        app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
+
+        def page() -> FileResponse:
+            return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+
+        @app.get("/", include_in_schema=False)
+        async def index():
+            return page()
+
+        @app.get("/client", include_in_schema=False)
+        async def client():
+            return page()
+
+        @app.get("/client/", include_in_schema=False)
+        async def client_slash():
+            return RedirectResponse(url="/client")
+
+        @app.get("/client.js", include_in_schema=False)
+        async def client_js():
+            return FileResponse(STATIC_DIR / "client.js", media_type="text/javascript", headers={"Cache-Control": "no-store"})
+
+        @app.get("/api/status")
+        async def status():
+            return JSONResponse(self._status(), headers={"Cache-Control": "no-store"})
+
+        async def json_body(request: Request) -> dict[str, Any]:
+            try:
+                data = await request.json()
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
+            if not isinstance(data, dict):
+                raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
+            return data
+
+        @app.post("/api/offer")
+        async def offer(request: Request):
+            data = await json_body(request)
+            if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
+                raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
+            try:
+                webrtc_request = SmallWebRTCRequest.from_dict(
+                    {k: data[k] for k in ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData") if k in data}
+                )
+                answer = await self._handler.handle_web_request(
+                    request=webrtc_request, webrtc_connection_callback=self._on_connection
+                )
+            except HTTPException:
+                raise
+            except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
+                logger.warning("Local page: refused a WebRTC offer: {}", exc)
+                raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
+            return answer
+
+        @app.patch("/api/offer")
+        async def ice_candidates(request: Request):
+            data = await json_body(request)
+            try:
+                patch = SmallWebRTCPatchRequest(
+                    pc_id=str(data["pc_id"]),
+                    candidates=[
+                        IceCandidate(
+                            candidate=c.get("candidate") or "",
+                            sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
+                            sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
+                        )
+                        for c in data.get("candidates", [])
+                    ],
+                )
+            except (KeyError, TypeError, AttributeError) as exc:
+                raise HTTPException(
+                    status_code=400, detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}."
+                ) from exc
+            try:
+                await self._handler.handle_patch_request(patch)
+            except HTTPException:
+                raise
+            except Exception as exc:
+                raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
+            return {"status": "success"}
+
+        return app
+
+    # ------------------------------------------------------------------ lifecycle
+    async def start(self) -> None:
+        """Bind the port and start serving in the running event loop."""
+        import uvicorn
+
+        self._socket = _bind(self.settings.host, self.settings.port)
+        self.port = self._socket.getsockname()[1]
+        config = uvicorn.Config(
+            self.app,
+            log_level="warning",
+            lifespan="off",
+            access_log=False,
+            timeout_graceful_shutdown=2,
+            ws="none",
+        )
+        self._server = uvicorn.Server(config)
+        self._serve_task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="musetalk-local-page")
+        for _ in range(200):  # uvicorn sets `started` once the socket accepts connections
+            if self._server.started or self._serve_task.done():
+                break
+            await asyncio.sleep(0.01)
+        if self._serve_task.done():
+            exc = self._serve_task.exception()
+            self._socket.close()
+            raise MuseTalkError(f"The local page server failed to start: {exc}")
+        logger.info("Local page: open {} in a browser (one viewer at a time)", self.url)
+
+    async def disconnect_all(self) -> None:
+        """Close every browser peer connection."""
+        if self._handler is not None:
+            await self._handler.close()
+
+    async def stop(self) -> None:
+        """Close the peer connections, stop uvicorn and free the port (idempotent)."""
+        try:
+            await asyncio.wait_for(self.disconnect_all(), timeout=5)
+        except Exception as exc:  # closing must go on whatever one connection does
+            logger.warning("Local page: closing peer connections: {}", exc)
+        if self._server is not None:
+            self._server.should_exit = True
+        if self._serve_task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(self._serve_task), timeout=5)
+            except asyncio.TimeoutError:
+                self._server.force_exit = True
+                self._serve_task.cancel()
+                await asyncio.gather(self._serve_task, return_exceptions=True)
+            except BaseException as exc:  # uvicorn exits with SystemExit on a failed startup
+                if isinstance(exc, asyncio.CancelledError):
+                    raise
+                logger.debug("Local page server ended with {!r}", exc)
+            self._serve_task = None
+        if self._socket is not None:
+            self._socket.close()
+            self._socket = None
