@@ -47,6 +47,7 @@ import torch.nn.functional as F
 from loguru import logger
 from torch import nn
 
+from musetalk.latents import bf16_decode_supported
 from musetalk.models import Models
 
 # glibc mallopt parameters (malloc.h)
@@ -104,7 +105,13 @@ def keep_freed_memory(enabled: bool = True) -> bool:
 
 
 def memory_kept() -> bool:
+    """Whether `keep_freed_memory(True)` is in force."""
     return _memory_kept
+
+
+def allocator_tunable() -> bool:
+    """Whether `keep_freed_memory` can act here (a glibc Linux process)."""
+    return _glibc() is not None
 
 
 # ------------------------------------------------------------------ lean ResNet blocks
@@ -164,14 +171,15 @@ def _channels_last_weights(module: nn.Module) -> None:
 
 
 def bf16_cpu_supported() -> bool:
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
+    """Native bf16 on this CPU (AMX or AVX512-BF16), where a bf16 decode is cheaper."""
+    return bf16_decode_supported("cpu")
 
 
 class _AutocastDecoder(nn.Module):
-    """Runs a VAE decoder under reduced-precision autocast; returns the input's dtype."""
+    """Runs a VAE decoder under reduced-precision autocast; returns the input's dtype.
+
+    The same computation as `latents.decode_latents_approx` (only the decoder is autocast).
+    """
 
     def __init__(self, decoder: nn.Module, device_type: str, dtype: torch.dtype):
         super().__init__()

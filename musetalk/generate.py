@@ -42,6 +42,15 @@ def blend_face(
     return out
 
 
+def _copy_to_host(faces: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
+    """Start an asynchronous device-to-host copy into pinned memory; the event marks its end."""
+    host = torch.empty(faces.shape, dtype=faces.dtype, pin_memory=True)
+    host.copy_(faces, non_blocking=True)
+    event = torch.cuda.Event()
+    event.record()
+    return host, event
+
+
 class LipSyncGenerator:
     """Generates frames of one avatar; one instance per avatar, used from one thread at a time.
 
@@ -90,18 +99,29 @@ class LipSyncGenerator:
 
     # -------------------------------------------------------------- pipeline
     def generate(self, features: torch.Tensor, start_position: int = 0) -> Iterator[np.ndarray]:
-        """`features (T, 50, D)` -> T frames in order, model step of batch k+1 overlapping blending of batch k."""
+        """`features (T, 50, D)` -> T frames in order, model step of batch k+1 overlapping blending of batch k.
+
+        On CUDA each batch's faces are copied to pinned host memory right behind its decode,
+        so the blending thread never waits on a later batch's kernels.
+        """
         pending: deque[Future[list[np.ndarray]]] = deque()
         total = features.shape[0]
         for start in range(0, total, self.batch_size):
             stop = min(start + self.batch_size, total)
             positions = list(range(start_position + start, start_position + stop))
             faces = self.infer_faces(positions, features[start:stop])
-            pending.append(self._blender.submit(self._compose_batch, positions, faces))
+            if faces.device.type == "cuda":
+                pending.append(self._blender.submit(self._compose_when_copied, positions, *_copy_to_host(faces)))
+            else:
+                pending.append(self._blender.submit(self._compose_batch, positions, faces))
             while len(pending) > 1:
                 yield from pending.popleft().result()
         while pending:
             yield from pending.popleft().result()
+
+    def _compose_when_copied(self, positions: Sequence[int], host: torch.Tensor, copied: torch.cuda.Event) -> list[np.ndarray]:
+        copied.synchronize()
+        return self._compose_batch(positions, host)
 
     def generate_batch(self, positions: Sequence[int], features: torch.Tensor) -> list[np.ndarray]:
         """One batch, synchronously (the live bot calls this from its worker thread)."""

@@ -18,6 +18,7 @@ from musetalk.avatar.store import FORMAT_VERSION, AvatarStore, ping_pong, valida
 from musetalk.config import PrepareSettings, load_realtime_config, save_realtime_config
 from musetalk.errors import AvatarError, ConfigError, MediaError, NoFaceError
 from musetalk.face.box import mask_line_y
+from musetalk.face.mask import blur_kernel_size
 from musetalk.media import read_video
 
 
@@ -42,7 +43,9 @@ def test_prepared_avatar_contents(prepared_avatar, avatar_store, face_video):
         assert mask.shape == (cb[3] - cb[1], cb[2] - cb[0])
         # nothing is blended above the face box centre line (the inpainting line)
         line = mask_line_y(box) - cb[1]
-        assert mask[: max(line - 8, 0)].max() == 0
+        reach = blur_kernel_size(mask.shape[1]) // 2 + 1  # the Gaussian blur spreads the edge this far
+        assert mask[: max(line - reach, 0)].max() == 0
+        assert mask[line + reach :].max() == 255
     # ping-pong loop: forward then backward, seamless
     assert list(av.cycle[:3]) == [0, 1, 2] and list(av.cycle[-3:]) == [2, 1, 0]
     assert av.frame_index(100) == 0 and av.frame_index(50) == 49

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
+from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from loguru import logger
 
 from musetalk.errors import ConfigError, MuseTalkError
@@ -207,7 +208,7 @@ class LocalWebRTCServer:
 
     # ------------------------------------------------------------------ app
     def _build_app(self):
-        from fastapi import FastAPI, HTTPException, Request
+        from fastapi import FastAPI, HTTPException
         from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
         from pipecat.transports.smallwebrtc.request_handler import (
             IceCandidate,

@@ -1,0 +1,185 @@
+"""BotRunner with the local transport: start/stop cycles, status, no leaked threads or ports.
+
+Real parts only: the tiny models, the prepared astronaut avatar, uvicorn serving the local page
+in the bot thread, Pipecat's SmallWebRTC signalling. (The browser end to end is in
+test_bot_browser.py; Daily in test_bot_daily.py.)
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+
+import httpx
+import pytest
+
+from musetalk.bot.runner import BotRunner, BotStatus
+from musetalk.bot.transports import TransportSettings, validate_room_url
+from musetalk.errors import AvatarError, ConfigError, MuseTalkError
+
+
+def bot_threads() -> list[threading.Thread]:
+    return [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
+
+
+def wait_no_new_threads(before: set[int], timeout: float = 10.0) -> list[str]:
+    """Threads started since `before` that are still alive after `timeout` s (empty when none leaked)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        extra = [t for t in bot_threads() if t.ident not in before]
+        if not extra or time.monotonic() > deadline:
+            return [t.name for t in extra]
+        time.sleep(0.1)
+
+
+def port_is_free(host: str, port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+@pytest.fixture
+def runner(models):
+    r = BotRunner(models)
+    yield r
+    r.stop(timeout=15)
+
+
+def test_stopped_status_before_start(runner):
+    status = runner.status()
+    assert status == BotStatus(state="stopped")
+    assert runner.stop().state == "stopped"  # stopping a stopped bot is harmless
+
+
+def test_local_start_stop_cycles(runner, prepared_avatar):
+    before = {t.ident for t in bot_threads()}
+    ports = []
+    for cycle in range(3):
+        status = runner.start(prepared_avatar, TransportSettings(kind="local", host="127.0.0.1", port=0))
+        assert status.state == "running", status
+        assert status.transport == "local" and status.avatar == prepared_avatar.name and status.mode == "mirror"
+        assert status.url and status.url.startswith("http://127.0.0.1:")
+        assert status.last_error is None
+        port = int(status.url.rstrip("/").rsplit(":", 1)[1])
+        ports.append(port)
+        assert not port_is_free("127.0.0.1", port)
+
+        # The page, its script and the status endpoint are served from the bot thread's loop.
+        with httpx.Client(base_url=status.url, timeout=10) as http:
+            page = http.get("/")
+            assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+            assert "How to use" in page.text and "one viewer at a time" in page.text.lower()
+            assert http.get("/client").text == page.text
+            script = http.get("/client.js").text
+            for needed in ("RTCPeerConnection", "/api/offer", "PATCH", "sendrecv", "recvonly"):
+                assert needed in script
+            served = http.get("/api/status").json()
+            assert served["state"] == "running" and served["avatar"] == prepared_avatar.name
+            # Malformed signalling is refused with a readable 4xx, and the bot keeps running.
+            bad = http.post("/api/offer", json={"type": "offer"})
+            assert bad.status_code == 400 and "sdp" in bad.json()["detail"]
+            assert http.patch("/api/offer", content=b"not json").status_code == 400
+            unknown = http.patch("/api/offer", json={"pc_id": "nobody", "candidates": []})
+            assert unknown.status_code == 404
+
+        with pytest.raises(MuseTalkError, match="already running.*stop it first"):
+            runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+        assert runner.status().state == "running"
+        assert runner.status().uptime_s >= 0.0
+
+        stopped = runner.stop(timeout=10)
+        assert stopped.state == "stopped", stopped
+        assert stopped.last_error is None
+        assert port_is_free("127.0.0.1", port), f"cycle {cycle}: port {port} still taken after stop"
+        leaked = wait_no_new_threads(before)
+        assert not leaked, f"cycle {cycle}: threads left after stop: {leaked}"
+    assert len(ports) == 3
+
+
+def test_port_in_use_is_a_readable_error_and_runner_stays_usable(runner, prepared_avatar):
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        with pytest.raises(MuseTalkError, match=f"Port {taken}.*already in use"):
+            runner.start(prepared_avatar, TransportSettings(kind="local", port=taken))
+        status = runner.status()
+        assert status.state == "error" and "already in use" in status.last_error
+    ok = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+    assert ok.state == "running" and ok.last_error is None
+    assert runner.stop().state == "stopped"
+
+
+def test_unknown_avatar_name_is_refused(runner, avatar_store, prepared_avatar):
+    with pytest.raises(AvatarError, match="No avatar named 'nobody'"):
+        runner.start("nobody", TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+    assert runner.status().state == "error"
+    # By name, from the store.
+    status = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+    assert status.state == "running" and status.avatar == prepared_avatar.name
+    assert runner.stop().state == "stopped"
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://your-domain.daily.co/room-name",
+        "https://acme.daily.co/standup_2024",
+        " https://acme.daily.co/room/ ",
+        "https://video.example.com/rooms/team-a",
+    ],
+)
+def test_valid_room_urls(url):
+    assert validate_room_url(url) == url.strip()
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("", "required"),
+        (None, "required"),
+        ("   ", "required"),
+        ("http://acme.daily.co/room", "https://"),
+        ("ftp://acme.daily.co/room", "https://"),
+        ("acme.daily.co/room", "https://"),
+        ("https://acme.daily.co/my room", "spaces"),
+        ("https://acme.daily.co/", "no room"),
+        ("https://acme.daily.co", "no room"),
+        ("https://daily.co/room", "subdomain"),
+        ("https://a.b.daily.co/room", "subdomain"),
+        ("https://acme.daily.co/a/b", "one room name"),
+        ("https://acme.daily.co/room?t=abc", "token"),
+        ("https://acme.daily.co/room#x", "fragment"),
+        ("https:///room", "host"),
+        ("https://acme_.daily.co/room", "host"),
+        ("https://user:pw@acme.daily.co/room", "user name"),
+        ("https://acme.daily.co/r%20oom", "room path"),
+    ],
+)
+def test_malformed_room_urls_are_refused(url, message):
+    with pytest.raises(ConfigError, match=message):
+        validate_room_url(url)
+    with pytest.raises(ConfigError):
+        TransportSettings(kind="daily", room_url=url, token="t")
+
+
+def test_transport_settings_checks_and_hides_the_token():
+    settings = TransportSettings(kind="daily", room_url="https://acme.daily.co/room", token="sekrit-token-123")
+    assert "sekrit-token-123" not in repr(settings) and "sekrit-token-123" not in str(settings)
+    assert settings.host == "127.0.0.1" and settings.port == 7861 and settings.kind == "daily"
+    with pytest.raises(ConfigError, match="Unknown transport"):
+        TransportSettings(kind="zoom")
+    with pytest.raises(ConfigError, match="out of range"):
+        TransportSettings(kind="local", port=70000)
+    with pytest.raises(ConfigError, match="one word"):
+        TransportSettings(kind="daily", room_url="https://acme.daily.co/room", token="two words")
+
+
+def test_bad_settings_never_start_anything(runner, prepared_avatar):
+    with pytest.raises(ConfigError):
+        runner.start(prepared_avatar, "local")  # type: ignore[arg-type]
+    assert runner.status().state == "stopped"
