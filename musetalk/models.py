@@ -169,11 +169,14 @@ def load_unet(paths: ModelPaths, device: torch.device, dtype: torch.dtype) -> UN
         raise _fail(paths, [f"unreadable or truncated {paths.unet_weights}: {exc}"]) from exc
     if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
         state = state["state_dict"]
+    if not isinstance(state, dict):
+        raise _fail(paths, [f"{paths.unet_weights} is not a state dict"])
+    state = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() else v for k, v in state.items()}
     try:
-        unet.load_state_dict(state, strict=True, assign=True)
+        unet.load_state_dict(state, strict=True, assign=True)  # assign: parameters take the loaded tensors
     except RuntimeError as exc:
         raise _fail(paths, [f"{paths.unet_weights} does not match {paths.unet_config}: {_short(exc)}"]) from exc
-    return unet.to(device=device, dtype=dtype).eval().requires_grad_(False)
+    return unet.to(device).eval().requires_grad_(False)
 
 
 def load_vae(paths: ModelPaths, device: torch.device, dtype: torch.dtype) -> AutoencoderKL:
@@ -195,6 +198,9 @@ def load_whisper(paths: ModelPaths, device: torch.device, dtype: torch.dtype) ->
         extractor = WhisperFeatureExtractor.from_pretrained(paths.whisper_dir, local_files_only=True)
     except Exception as exc:
         raise _fail(paths, [f"cannot read {paths.whisper_dir / 'preprocessor_config.json'}: {_short(exc)}"]) from exc
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our own logs say what is loading
     try:
         model, info = WhisperModel.from_pretrained(
             paths.whisper_dir, dtype=dtype, local_files_only=True, output_loading_info=True

@@ -7,6 +7,7 @@ test_bot_browser.py; Daily in test_bot_daily.py.)
 
 from __future__ import annotations
 
+import asyncio
 import socket
 import threading
 import time
@@ -34,12 +35,43 @@ def wait_no_new_threads(before: set[int], timeout: float = 10.0) -> list[str]:
 
 
 def port_is_free(host: str, port: int) -> bool:
+    """Whether a server could listen on host:port now (SO_REUSEADDR, as servers do: closed
+    connections in TIME_WAIT do not count, a socket still listening does)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:
             return False
     return True
+
+
+def candidate_free_offer() -> str:
+    """A real WebRTC offer (aiortc; audio sendrecv, then video recvonly) with its ICE candidates
+    removed: the bot answers and starts a viewer pipeline, but no packet ever leaves this
+    process (no remote candidates, no STUN servers). Media flow is test_bot_browser.py's job."""
+    from aiortc import RTCPeerConnection
+
+    async def make() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    sdp = asyncio.run(make())
+    return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates")))
+
+
+def wait_until(predicate, timeout: float = 15.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
 
 
 @pytest.fixture
@@ -183,3 +215,46 @@ def test_bad_settings_never_start_anything(runner, prepared_avatar):
     with pytest.raises(ConfigError):
         runner.start(prepared_avatar, "local")  # type: ignore[arg-type]
     assert runner.status().state == "stopped"
+
+
+def test_viewer_pipelines_replace_each_other_and_a_crash_ends_in_error(runner, prepared_avatar):
+    """Each offer starts a viewer pipeline; a new viewer replaces the previous one; a fatal
+    error inside the running pipeline ends the bot in state "error"; the runner starts again."""
+    before = {t.ident for t in bot_threads()}
+    status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+    run = runner._run
+    with httpx.Client(base_url=status.url, timeout=30) as http:
+        first_answer = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"})
+        assert first_answer.status_code == 200, first_answer.text
+        first_answer = first_answer.json()
+        assert first_answer["type"] == "answer" and first_answer["pc_id"] and "m=video" in first_answer["sdp"]
+        first = run.session
+        assert first is not None and first.connection.pc_id == first_answer["pc_id"]
+        # The pipeline runs: the processor emits idle video from the start (nobody receives it here).
+        assert wait_until(lambda: runner.status().frames > 5), runner.status()
+        assert runner.status().fps is not None
+
+        second_answer = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}).json()
+        second = run.session
+        assert second is not None and second is not first
+        assert second.connection.pc_id == second_answer["pc_id"] != first_answer["pc_id"]
+        assert first.task.done(), "the previous viewer's pipeline must end when a new viewer connects"
+        assert first.connection.pc.connectionState == "closed"
+        assert wait_until(lambda: runner.status().frames > 5)
+
+        # A crash inside the running pipeline: the processor reports a fatal error, as a
+        # failing model would.
+        crash = second.processor.push_error("simulated GPU failure", force_treat_as_permanent=True)
+        asyncio.run_coroutine_threadsafe(crash, run.loop).result(timeout=5)
+        assert wait_until(lambda: runner.status().state == "error", timeout=15), runner.status()
+    status = runner.status()
+    assert "simulated GPU failure" in status.last_error
+    port = int(status.url.rstrip("/").rsplit(":", 1)[1])
+    assert port_is_free("127.0.0.1", port)
+    assert runner.stop().state == "error"  # stopping a failed bot keeps its error readable
+
+    again = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+    assert again.state == "running" and again.last_error is None
+    assert runner.stop().state == "stopped"
+    leaked = wait_no_new_threads(before)
+    assert not leaked, f"threads left: {leaked}"

@@ -298,7 +298,7 @@ class _BotRun:
         return processor
 
     async def _start_session(self, processor: MuseTalkProcessor, transport: Any, connection: Any) -> _Session:
-        from pipecat.pipeline.worker import PipelineParams, PipelineWorker
+        from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
         from pipecat.workers.runner import WorkerRunner
 
         from musetalk.bot.pipeline import build_pipeline
@@ -309,6 +309,7 @@ class _BotRun:
             params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE, audio_out_sample_rate=AUDIO_SAMPLE_RATE),
             idle_timeout_secs=None,
             enable_rtvi=False,
+            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
         )
 
         @worker.event_handler("on_pipeline_error")
