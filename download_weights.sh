@@ -36,7 +36,11 @@ fetch_hub() {  # repo file dest
   if HF_HUB_DOWNLOAD_TIMEOUT=30 "$PY" - "$repo" "$file" "$tmp" <<'PYEOF'
 import sys
 from huggingface_hub import hf_hub_download
-print(hf_hub_download(sys.argv[1], sys.argv[2], local_dir=sys.argv[3]))
+try:
+    print(hf_hub_download(sys.argv[1], sys.argv[2], local_dir=sys.argv[3]))
+except Exception as exc:  # report in one line; the shell script lists what is missing
+    print(f"could not fetch {sys.argv[1]}/{sys.argv[2]}: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+    sys.exit(1)
 PYEOF
   then
     mv "$tmp/$file" "$dest" && echo "fetched $dest"
