@@ -373,7 +373,7 @@ def timed(fn: Callable[[], Any], device: torch.device) -> Timed:
     return Timed(wall, cpu / max(wall * torch.get_num_threads(), 1e-9), other, result)
 
 
-def peak_matmul_gflops(device: torch.device, *, n: int | None = None, repeats: int = 3) -> tuple[float, str]:
+def peak_matmul_gflops(device: torch.device, *, n: int | None = None, repeats: int = 5) -> tuple[float, str]:
     """Best-of-`repeats` GFLOP/s of one large square `torch.mm` (fp16 on CUDA, fp32 on CPU)."""
     dtype = torch.float16 if device.type == "cuda" else torch.float32
     n = n or (8192 if device.type == "cuda" else 4096)
@@ -486,14 +486,15 @@ def run(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict
     avatar = synthetic_avatar(seed=opts.seed)
     features = synthetic_features(opts.frames, models.audio_dim, seed=opts.seed + 1)
     flops = count_gflop(opts.tiny)
-    peak, peak_how = peak_matmul_gflops(device, n=1024 if opts.tiny and device.type == "cpu" else None)
+    peak_n = 1024 if opts.tiny and device.type == "cpu" else None
+    peak, peak_how = peak_matmul_gflops(device, n=peak_n)
     log(f"peak matmul {peak:.0f} GFLOP/s ({peak_how})")
 
     # Features: one 30 s window through the feature extractor + whisper encoder.
     encoder = AudioFeatureEncoder(models.whisper, models.feature_extractor, device, models.dtype)
     audio = (np.random.default_rng(opts.seed).standard_normal(WINDOW_SAMPLES) * 0.1).astype(np.float32)
     encoder.encode_window(audio[:AUDIO_SAMPLE_RATE])  # warm-up
-    feat = min((timed(lambda: encoder.encode_window(audio), device) for _ in range(2)), key=lambda t: t.wall)
+    feat = min((timed(lambda: encoder.encode_window(audio), device) for _ in range(3)), key=lambda t: t.wall)
 
     ours_models = _ours_models(models, opts)
     ours_timer, official_timer = StageTimer(device), StageTimer(device)
@@ -540,6 +541,8 @@ def run(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict
         generator.close()
         if exact_faces is not None:
             exact_faces.remove()
+    # The peak again after the passes: the best of both counts (a busy moment lowers one of them).
+    peak = max(peak, peak_matmul_gflops(device, n=peak_n)[0])
     official = min(official_runs, key=lambda t: t.wall)
     ours = min(ours_runs, key=lambda t: t.wall)
     identical, max_diff, differing = compare_frames(ours.result, official.result)
@@ -708,7 +711,8 @@ def format_report(rep: dict[str, Any]) -> str:
         f"{'(crop only, in a worker thread)':>45}",
         f"features: {rep['features_ms_per_window']:.0f} ms per 30 s window (log-mel + encoder, "
         f"{rep['gflop_per_window_features']:.1f} GFLOP), amortised over its {c['features_frames_per_window']} frames at 25 fps",
-        f"peak: {rep['peak_matmul_gflops']:.0f} GFLOP/s ({c['peak_matmul']}); total {rep['gflop_per_frame_total']:.1f} GFLOP/frame",
+        f"peak: {rep['peak_matmul_gflops']:.0f} GFLOP/s ({c['peak_matmul']}, best before/after the passes); "
+        f"total {rep['gflop_per_frame_total']:.1f} GFLOP/frame",
         "",
         f"end to end: ours {rep['ours_fps']:.3f} fps ({rep['ours_gflops']:.0f} GFLOP/s, {rep['ours_pct_of_peak']:.0f}% of peak), "
         f"official loop {rep['official_fps']:.3f} fps ({rep['official_pct_of_peak']:.0f}% of peak)",

@@ -7,14 +7,13 @@ the pipeline and ends in state "error". The token must never show up anywhere.
 
 from __future__ import annotations
 
-import asyncio
 import threading
 import time
 
 import pytest
 from loguru import logger
 
-from musetalk.bot.runner import BotRunner
+from musetalk.bot.runner import BotRunner, daily_error_message
 from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError
 
@@ -53,7 +52,7 @@ def test_unreachable_room_ends_in_error_then_runner_is_usable(models, prepared_a
         print(f"\nDaily error after {elapsed:.1f} s: {status.last_error}")
         assert status.state == "error", status
         assert elapsed < 25
-        assert "Daily" in status.last_error and "room" in status.last_error.lower()
+        assert status.last_error.startswith("Daily: could not use the room https://nonexistent-musetalk-test")
         for text in (repr(status), str(status.to_dict()), repr(settings), str(settings)):
             assert TOKEN not in text
         assert not runner.running
@@ -76,35 +75,27 @@ def test_unreachable_room_ends_in_error_then_runner_is_usable(models, prepared_a
     assert TOKEN not in logs  # ...and the token is not in them
 
 
-def test_pipeline_crash_ends_in_error_and_runner_restarts(models, prepared_avatar, captured_logs):
-    """A fatal error inside the running pipeline (pushed by the processor, as a broken model
-    would) ends the bot in state "error"; stop() on it is harmless and start() works again."""
-    runner = BotRunner(models)
-    try:
-        settings = TransportSettings(kind="daily", room_url=UNREACHABLE_ROOM, token=TOKEN)
-        assert runner.start(prepared_avatar, settings).state == "running"
-        run = runner._run
-        deadline = time.monotonic() + 10
-        while run.session is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        processor = run.session.processor
-        crash = processor.push_error("simulated GPU failure", fatal=True)
-        asyncio.run_coroutine_threadsafe(crash, run.loop).result(timeout=5)
-        status = wait_for_state(runner, ("error", "stopped"), timeout=25)
-        assert status.state == "error", status
-        assert "simulated GPU failure" in status.last_error
-        assert TOKEN not in repr(status)
-        assert runner.stop().state == "error"  # the error stays readable after stop
-        again = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
-        assert again.state == "running" and again.last_error is None
-    finally:
-        runner.stop(timeout=15)
-    assert TOKEN not in "\n".join(captured_logs)
-
-
 def test_malformed_room_url_is_refused_before_starting(models):
     runner = BotRunner(models)
     for url in ("http://acme.daily.co/room", "https://acme.daily.co/", "https://acme.daily.co/my room", ""):
         with pytest.raises(ConfigError):
             runner.start("astro", TransportSettings(kind="daily", room_url=url, token=TOKEN))
     assert runner.status().state == "stopped"
+
+
+@pytest.mark.parametrize(
+    ("raw", "hint"),
+    [
+        (
+            'Error joining x: Connection(Api(RoomLookup(... error: "failed to lookup address information" ...)))',
+            "does not resolve",
+        ),
+        ("Error joining x: Unauthorized: invalid meeting token", "valid --token"),
+        ("Error joining x: room not found", "does not exist"),
+        ("something else entirely", "Daily reported an error"),
+    ],
+)
+def test_daily_errors_read_as_advice(raw, hint):
+    message = daily_error_message("https://acme.daily.co/room", raw)
+    assert message.startswith("Daily: could not use the room https://acme.daily.co/room: ")
+    assert hint in message and raw[:40] in message

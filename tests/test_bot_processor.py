@@ -83,7 +83,7 @@ def run(processor, frames, **kw):
 
 
 def test_mirror_mode_pairs_every_frame_with_its_audio(models, prepared_avatar, speech_pcm):
-    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=5.0))
+    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=60.0))
     seconds = 2.0
     pcm = speech_pcm[: int(16000 * seconds)]
     tail = np.zeros(LOOKAHEAD_SAMPLES + 320, np.int16)  # lets the last frame's look-ahead arrive
@@ -144,7 +144,7 @@ def test_video_flows_with_no_audio_at_all(models, prepared_avatar):
 
 def test_interruption_leaves_no_stale_frame(models, prepared_avatar, speech_pcm):
     counter = UnetCalls(models.unet, delay=0.05)
-    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=5.0))
+    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=60.0))
     try:
         frames = [SleepFrame(0.5), VADUserStartedSpeakingFrame(), *room_audio(speech_pcm[:32000]), InterruptionFrame(),
                   VADUserStoppedSpeakingFrame(), SleepFrame(1.0)]  # fmt: skip
@@ -161,7 +161,7 @@ def test_interruption_leaves_no_stale_frame(models, prepared_avatar, speech_pcm)
 def test_speech_mode_lip_syncs_tts_audio_once(models, prepared_avatar, speech):
     pcm24 = (load_audio(speech, sample_rate=24000) * 32767).astype(np.int16)
     chunks = [TTSAudioRawFrame(pcm24[i : i + 2400].tobytes(), 24000, 1, context_id="c1") for i in range(0, len(pcm24), 2400)]
-    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(mode="speech", latency_budget_s=5.0))
+    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(mode="speech", latency_budget_s=60.0))
     down = run(proc, [SleepFrame(0.3), TTSStartedFrame(), *chunks, TTSStoppedFrame()])
     tts = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     synced = [f for f in images(down) if f.sync_with_audio]

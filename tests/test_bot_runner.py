@@ -62,7 +62,9 @@ def candidate_free_offer() -> str:
         return sdp
 
     sdp = asyncio.run(make())
-    return "".join(line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates")))
+    return "".join(
+        line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates"))
+    )
 
 
 def wait_until(predicate, timeout: float = 15.0) -> bool:

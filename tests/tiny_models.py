@@ -39,7 +39,7 @@ def write_tiny_models(models_dir: Path, landmarks_dir: Path | None, *, with_pars
 
     vae_cfg = dict(SD_VAE_CONFIG)
     vae_cfg.pop("_class_name")
-    vae_cfg.update(block_out_channels=[16, 16, 32, 32], layers_per_block=1, norm_num_groups=8)
+    vae_cfg.update(block_out_channels=[8, 8, 16, 16], layers_per_block=1, norm_num_groups=8)
     AutoencoderKL.from_config(vae_cfg).save_pretrained(paths.vae_dir)
 
     whisper_cfg = WhisperConfig(

@@ -17,7 +17,7 @@ VAD_PARAMS = VADParams(confidence=0.6, start_secs=0.1, stop_secs=0.3, min_volume
 
 
 def transport_params(processor: MuseTalkProcessor, *, daily: bool = False) -> TransportParams:
-    """Audio in at 16 kHz (what whisper wants), avatar-sized live video out at 25 fps."""
+    """Audio in at 16 kHz (what whisper wants), avatar-sized video out at 25 fps."""
     width, height = processor.video_size
     kwargs = dict(
         audio_in_enabled=True,
@@ -26,7 +26,9 @@ def transport_params(processor: MuseTalkProcessor, *, daily: bool = False) -> Tr
         audio_out_sample_rate=AUDIO_SAMPLE_RATE if processor.settings.mode == "mirror" else None,
         audio_out_end_silence_secs=0,
         video_out_enabled=True,
-        video_out_is_live=True,
+        # Not "live": in Pipecat 1.14 images queued with their audio (sync_with_audio) only
+        # replace the current image, which the transport's own 25 fps video loop sends.
+        video_out_is_live=False,
         video_out_width=width,
         video_out_height=height,
         video_out_framerate=VIDEO_FPS,

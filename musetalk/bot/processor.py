@@ -77,7 +77,7 @@ class LiveSettings:
     mode: str = "mirror"  # mirror: lip-sync the room's InputAudioRawFrame; speech: lip-sync TTSAudioRawFrame
     max_side: int = 720  # output video: the avatar frame scaled so its long side fits (even sizes)
     latency_budget_s: float = 0.2  # compute time allowed per frame beyond the audio look-ahead
-    batch_size: int | None = None  # frames per model batch (default: 8 on CUDA, 2 on CPU)
+    batch_size: int | None = None  # frames per model batch (default: 8 on CUDA, 4 on CPU)
     vad_hangover_s: float = 0.12  # keep generating this long after VAD says speech stopped
 
     def __post_init__(self) -> None:
@@ -85,8 +85,8 @@ class LiveSettings:
             raise ConfigError(f"mode must be 'mirror' or 'speech', not {self.mode!r}.")
         if self.max_side < 64:
             raise ConfigError("max_side must be at least 64 pixels.")
-        if not 0.0 < self.latency_budget_s <= 5.0:
-            raise ConfigError("latency_budget_s must be between 0 and 5 seconds.")
+        if not 0.0 < self.latency_budget_s <= 60.0:
+            raise ConfigError("latency_budget_s must be between 0 and 60 seconds.")
 
 
 @dataclass(frozen=True)
@@ -189,6 +189,7 @@ class MuseTalkProcessor(FrameProcessor):
         self._timing = _Timing()
         self._last_probe = 0.0
         self._warned_slow = False
+        self._stopped = False
 
     # ------------------------------------------------------------------ seed API
     async def initialize_models(self) -> None:
@@ -300,11 +301,17 @@ class MuseTalkProcessor(FrameProcessor):
         else:
             await self.push_frame(frame, direction)
 
+    async def cleanup(self) -> None:
+        """Pipecat calls this however the pipeline ends (even a cancel that overtakes StartFrame)."""
+        self._stopped = True
+        await self._stop()
+        await super().cleanup()
+
     async def _ensure_ready(self) -> None:
         await self.initialize_avatars()
         if self._generator is None:
             assert self._models is not None and self._avatar is not None
-            batch = self._settings.batch_size or (8 if self._models.device.type == "cuda" else 2)
+            batch = self._settings.batch_size or (8 if self._models.device.type == "cuda" else 4)
             self._generator = LipSyncGenerator(self._models, self._avatar, batch_size=batch)
             m = self._models
             self._encoder = AudioFeatureEncoder(m.whisper, m.feature_extractor, m.device, m.dtype)
@@ -315,6 +322,9 @@ class MuseTalkProcessor(FrameProcessor):
             await self._ensure_ready()
         except Exception as exc:  # any load failure ends up in the pipeline's error path
             await self.push_error(f"MuseTalk could not start: {exc}", exception=exc, fatal=True)
+            return
+        if self._stopped:  # cancelled while starting: leave no worker or task behind
+            await self._stop()
             return
         logger.info(
             "MuseTalk live: avatar {} -> {}x{} video, {} mode, {}",
@@ -479,13 +489,18 @@ class MuseTalkProcessor(FrameProcessor):
 
     def _generate(self, request: FeatureRequest, positions: Sequence[int]) -> tuple[list[np.ndarray], float]:
         """Worker thread: whisper features, UNet, VAE decode, blend, resize for the transport."""
+        generator, encoder = self._generator, self._encoder
+        if generator is None or encoder is None:
+            raise RuntimeError("the processor was stopped")
         start = time.perf_counter()
-        feats = request.compute(self._encoder)
-        frames = [self._fit(f) for f in self._generator.generate_batch(positions, feats)]
+        feats = request.compute(encoder)
+        frames = [self._fit(f) for f in generator.generate_batch(positions, feats)]
         return frames, (time.perf_counter() - start) / len(positions)
 
     def _warm_up(self) -> None:
         """First model call on the device (CUDA kernels, allocator), also the first speed measurement."""
+        if self._generator is None:
+            return
         try:
             n = min(2, self._generator.batch_size)
             request = FeatureRequest(np.zeros(AUDIO_SAMPLE_RATE, dtype=np.float32), 0, tuple(range(n)))
@@ -493,7 +508,8 @@ class MuseTalkProcessor(FrameProcessor):
             self._record_speed(per_frame)
             logger.info("MuseTalk warm-up: {:.0f} ms per frame on {}", per_frame * 1000, self._models.describe())
         except Exception as exc:  # reported through stats; the live path reports its own errors
-            logger.warning("MuseTalk warm-up failed: {}", exc)
+            if self._generator is not None:
+                logger.warning("MuseTalk warm-up failed: {}", exc)
 
     def _record_speed(self, per_frame: float) -> None:
         t = self._timing

@@ -96,6 +96,7 @@ class _BotRun:
         self.warning: str | None = None
         self.url: str | None = None
         self.running_since: float | None = None
+        self.ended_at: float | None = None
         self.viewer_connected = False
         self.stop_requested = False
         self.started = threading.Event()  # set once running, or once it failed
@@ -145,7 +146,8 @@ class _BotRun:
 
     def snapshot(self, stats: Any) -> BotStatus:
         with self._lock:
-            uptime = time.monotonic() - self.running_since if self.running_since else 0.0
+            end = self.ended_at or time.monotonic()
+            uptime = end - self.running_since if self.running_since else 0.0
             warning = self.warning
             if stats is not None and getattr(stats, "warning", None):
                 warning = stats.warning if not warning else f"{stats.warning}; {warning}"
@@ -210,6 +212,7 @@ class _BotRun:
                 _drain_loop(loop)
             finally:
                 with self._lock:
+                    self.ended_at = time.monotonic()
                     self.loop = None
                     self._stop_event = None
                     self.session = None
@@ -258,21 +261,25 @@ class _BotRun:
 
         @transport.event_handler("on_error")
         async def on_error(_transport, error: Any) -> None:
-            self.fail(f"Daily: {error}. Check the room URL, the token and the network.")
+            self.fail(daily_error_message(self.settings.room_url or "", str(error)))
 
         @transport.event_handler("on_joined")
         async def on_joined(_transport, _data: Any) -> None:
             logger.info("Joined the Daily room {}", self.settings.room_url)
 
-        @transport.event_handler("on_first_participant_joined")
-        async def on_first(_transport, _participant: Any) -> None:
+        participants: set[str] = set()
+
+        @transport.event_handler("on_participant_joined")
+        async def on_participant_joined(_transport, participant: Any) -> None:
+            participants.add(str(participant.get("id")))
             with self._lock:
                 self.viewer_connected = True
 
         @transport.event_handler("on_participant_left")
-        async def on_left(_transport, _participant: Any, _reason: Any) -> None:
+        async def on_participant_left(_transport, participant: Any, _reason: Any) -> None:
+            participants.discard(str(participant.get("id")))
             with self._lock:
-                self.viewer_connected = False
+                self.viewer_connected = bool(participants)
 
         session = await self._start_session(processor, transport, connection=None)
         self._mark_running()
@@ -306,7 +313,9 @@ class _BotRun:
         pipeline = build_pipeline(transport, processor)
         worker = PipelineWorker(
             pipeline,
-            params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE, audio_out_sample_rate=AUDIO_SAMPLE_RATE),
+            # The room's audio comes in at 16 kHz; the output rate is the transport's (16 kHz in mirror
+            # mode), or the pipeline default where the transport leaves it open (a TTS's rate in speech mode).
+            params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE),
             idle_timeout_secs=None,
             enable_rtvi=False,
             processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
@@ -392,6 +401,33 @@ class _BotRun:
                 asyncio.get_running_loop().create_task(self._end_session("the viewer left"))
 
         await self._start_session(processor, transport, connection=connection)
+
+
+_DAILY_HINTS = (
+    (
+        ("lookup address", "name or service not known", "dns"),
+        "its address does not resolve (no internet, or a wrong Daily subdomain?)",
+    ),
+    (
+        ("unauthorized", "401", "403", "forbidden", "token", "not allowed", "ejected", "owner-only"),
+        "access was refused (a private room needs a valid --token)",
+    ),
+    (
+        ("not found", "404", "no such room", "does not exist", "not-found"),
+        "this room does not exist (check the room name)",
+    ),
+    (("timed out", "timeout"), "Daily did not answer in time (network or firewall?)"),
+    (("connect", "network", "unreachable"), "Daily cannot be reached from here (network or firewall?)"),
+)
+
+
+def daily_error_message(room_url: str, error: str) -> str:
+    """A Daily error as one sentence an operator can act on, with Daily's own words after it."""
+    lowered = error.lower()
+    hint = next((text for keys, text in _DAILY_HINTS if any(k in lowered for k in keys)), "Daily reported an error")
+    raw = " ".join(error.split())
+    raw = raw if len(raw) <= 300 else raw[:297] + "..."
+    return f"Daily: could not use the room {room_url}: {hint}. (Daily said: {raw})"
 
 
 def _drain_loop(loop: asyncio.AbstractEventLoop) -> None:
@@ -485,7 +521,7 @@ class BotRunner:
             run = self._run
         if run is None:
             return BotStatus()
-        return run.snapshot(run.stats())
+        return run.snapshot(run.stats() if run.alive else None)  # live figures only while it runs
 
     @property
     def running(self) -> bool:

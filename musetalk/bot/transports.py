@@ -92,7 +92,9 @@ def validate_room_url(url: str | None) -> str:
         parts = urlsplit(url)
         port = parts.port
     except ValueError as exc:
-        raise ConfigError(f"The Daily room URL {url!r} is malformed ({exc}); expected e.g. {DAILY_URL_EXAMPLE}") from exc
+        raise ConfigError(
+            f"The Daily room URL {url!r} is malformed ({exc}); expected e.g. {DAILY_URL_EXAMPLE}"
+        ) from exc
     if parts.scheme.lower() != "https":
         raise ConfigError(f"The Daily room URL must start with https:// (got {url!r}); e.g. {DAILY_URL_EXAMPLE}")
     host = (parts.hostname or "").lower()
@@ -221,7 +223,9 @@ class LocalWebRTCServer:
         app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
 
         def page() -> FileResponse:
-            return FileResponse(STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"})
+            return FileResponse(
+                STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
+            )
 
         @app.get("/", include_in_schema=False)
         async def index():
@@ -237,7 +241,9 @@ class LocalWebRTCServer:
 
         @app.get("/client.js", include_in_schema=False)
         async def client_js():
-            return FileResponse(STATIC_DIR / "client.js", media_type="text/javascript", headers={"Cache-Control": "no-store"})
+            return FileResponse(
+                STATIC_DIR / "client.js", media_type="text/javascript", headers={"Cache-Control": "no-store"}
+            )
 
         @app.get("/api/status")
         async def status():
@@ -259,7 +265,11 @@ class LocalWebRTCServer:
                 raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
             try:
                 webrtc_request = SmallWebRTCRequest.from_dict(
-                    {k: data[k] for k in ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData") if k in data}
+                    {
+                        k: data[k]
+                        for k in ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
+                        if k in data
+                    }
                 )
                 answer = await self._handler.handle_web_request(
                     request=webrtc_request, webrtc_connection_callback=self._on_connection
@@ -288,7 +298,8 @@ class LocalWebRTCServer:
                 )
             except (KeyError, TypeError, AttributeError) as exc:
                 raise HTTPException(
-                    status_code=400, detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}."
+                    status_code=400,
+                    detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
                 ) from exc
             try:
                 await self._handler.handle_patch_request(patch)

@@ -86,6 +86,16 @@ async function start() {
   startButton.disabled = true;
   showError("");
   setState("asking for the microphone", "busy");
+  if (!window.isSecureContext || !navigator.mediaDevices) {
+    setState("no microphone", "bad");
+    showError(
+      `Browsers only allow the microphone on https pages or on http://127.0.0.1 / http://localhost. ` +
+      `Open this page on the bot's machine as http://127.0.0.1:${location.port || 80}/, ` +
+      `or reach it through an SSH tunnel (ssh -L ${location.port || 80}:127.0.0.1:${location.port || 80} ...) or an https proxy.`
+    );
+    startButton.disabled = false;
+    return;
+  }
   try {
     mic = await navigator.mediaDevices.getUserMedia({ audio: true, video: false });
   } catch (err) {

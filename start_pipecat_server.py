@@ -1,0 +1,312 @@
+#!/usr/bin/env python
+"""Start the MuseTalk live avatar bot (Pipecat): in a Daily room, or on a local page.
+
+    python start_pipecat_server.py --room-url https://your-domain.daily.co/room-name [--token T]
+    python start_pipecat_server.py --local [--host 127.0.0.1] [--port 7861]
+
+The first avatar of --config is used: `preparation: True` prepares it from its video_path
+first, `False` uses the avatar already prepared under that name. Logs go to stderr and to
+musetalk_pipecat.log. Ctrl-C stops the bot cleanly.
+Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import signal
+import sys
+import time
+
+LOG_FILE = "musetalk_pipecat.log"
+LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
+DEFAULT_CONFIG = "configs/inference/realtime.yaml"
+STATS_EVERY_S = 10.0
+CPU_WARNING = "No CUDA GPU: real time needs a CUDA GPU; on CPU the bot shows idle video and passes audio through."
+
+HOW_TO = """\
+Say where the avatar should appear:
+  a Daily room:         python start_pipecat_server.py --room-url https://your-domain.daily.co/room-name [--token T]
+  a page on this host:  python start_pipecat_server.py --local   (then open http://127.0.0.1:7861/)
+See --help for every option."""
+
+_PACKAGES = (
+    # (module, what to install)
+    ("torch", "torch"),
+    ("diffusers", "diffusers"),
+    ("transformers", "transformers"),
+    ("cv2", "opencv-python-headless"),
+    ("yaml", "pyyaml"),
+    ("pipecat", "pipecat-ai[webrtc,daily,runner,silero]==1.14.0"),
+    ("aiortc", "pipecat-ai[webrtc]"),
+    ("onnxruntime", "onnxruntime (pipecat-ai[silero])"),
+    ("fastapi", "pipecat-ai[runner]"),
+    ("uvicorn", "pipecat-ai[runner]"),
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="start_pipecat_server.py",
+        description="MuseTalk live avatar bot (Pipecat): lip-syncs a prepared avatar in real time, "
+        "in a Daily.co room or on a local WebRTC page.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=HOW_TO,
+    )
+    parser.add_argument(
+        "--room-url",
+        metavar="URL",
+        help="Daily.co room URL (required unless --local), e.g. https://your-domain.daily.co/room-name",
+    )
+    parser.add_argument(
+        "--token",
+        metavar="T",
+        default=None,
+        help="Daily.co room token (optional; private rooms). Also read from DAILY_TOKEN.",
+    )
+    parser.add_argument(
+        "--config",
+        default=DEFAULT_CONFIG,
+        help=f"avatar configuration file; the first avatar is used (default: {DEFAULT_CONFIG})",
+    )
+    parser.add_argument("--verbose", action="store_true", help="verbose (DEBUG) logging")
+    parser.add_argument("--skip-checks", action="store_true", help="skip the dependency, weights and GPU checks")
+    parser.add_argument(
+        "--local",
+        action="store_true",
+        help="no Daily account needed: serve a page on --host:--port where a browser connects",
+    )
+    parser.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address of the local page (default: 127.0.0.1; 0.0.0.0 for every interface)",
+    )
+    parser.add_argument(
+        "--port", type=int, default=7861, help="port of the local page (default: 7861; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--mode",
+        choices=("mirror", "speech"),
+        default="mirror",
+        help="mirror: lip-sync the voice heard in the room (default); speech: lip-sync TTS audio from a TTS service in the pipeline",
+    )
+    return parser
+
+
+def setup_logging(verbose: bool) -> None:
+    from loguru import logger
+
+    level = "DEBUG" if verbose else "INFO"
+    logger.remove()
+    logger.add(
+        sys.stderr, level=level, format="{time:HH:mm:ss} | {level: <7} | {message}", backtrace=False, diagnose=False
+    )
+    logger.add(
+        LOG_FILE,
+        level=level,
+        format="{time:YYYY-MM-DD HH:mm:ss.SSS} | {level: <7} | {name}:{line} | {message}",
+        rotation="10 MB",
+        retention=3,
+        backtrace=False,
+        diagnose=False,  # never print variable values (a token) in a traceback
+    )
+
+
+def run_checks(daily: bool) -> None:
+    """Packages importable, weights present, GPU or a clear CPU warning. Raises MuseTalkError."""
+    from loguru import logger
+
+    from musetalk.config import FETCH_COMMAND, ModelPaths, models_dir_from_env
+    from musetalk.errors import MissingWeightsError, MuseTalkError
+
+    missing = []
+    for module, install in _PACKAGES + ((("daily", "daily-python (pipecat-ai[daily])"),) if daily else ()):
+        try:
+            importlib.import_module(module)
+        except ImportError as exc:
+            missing.append(f"{install}: {exc}")
+    if missing:
+        listing = "\n".join(f"  - {m}" for m in missing)
+        raise MuseTalkError(
+            f"Python packages are missing:\n{listing}\nInstall them with: bash run.sh (or pip install -r requirements.txt)"
+        )
+    logger.info("Python packages: OK")
+
+    from musetalk.models import check_weights
+
+    paths = ModelPaths(models_dir_from_env())
+    problems = check_weights(paths)
+    if problems:
+        raise MissingWeightsError(problems, str(paths.models_dir), FETCH_COMMAND)
+    logger.info("Weights in {}: OK", paths.models_dir)
+
+    import torch
+
+    if torch.cuda.is_available():
+        logger.info("GPU: {}", torch.cuda.get_device_name(0))
+    else:
+        logger.warning(CPU_WARNING)
+
+
+def check_avatar(entry, config_path: str) -> None:
+    """Before loading anything: an avatar to be used as is must be prepared already."""
+    from musetalk.avatar.store import AvatarStore
+    from musetalk.config import avatars_dir_from_env
+    from musetalk.errors import AvatarError, MediaError
+
+    store = AvatarStore(avatars_dir_from_env())
+    if entry.preparation:
+        if not entry.video_path.is_file():
+            raise MediaError(
+                f"{config_path}: avatar {entry.name} is to be prepared from {entry.video_path}, which does not exist."
+            )
+    elif not store.exists(entry.name):
+        raise AvatarError(
+            f"{config_path}: avatar {entry.name} has preparation: False but is not prepared in {store.root}. "
+            f"Set preparation: True (with its video_path) or run: python -m musetalk prepare VIDEO --name {entry.name}"
+        )
+
+
+def load_avatar(models, entry, config_path: str):
+    """The first avatar of the config: prepared now if `preparation: True`, else loaded."""
+    from loguru import logger
+
+    from musetalk.avatar.store import AvatarStore
+    from musetalk.config import PrepareSettings, avatars_dir_from_env
+
+    store = AvatarStore(avatars_dir_from_env())
+    if entry.preparation:
+        from musetalk.avatar.prepare import prepare_avatar
+
+        logger.info("Preparing avatar {} from {} (preparation: True in {})", entry.name, entry.video_path, config_path)
+        last = [-1]
+
+        def progress(fraction: float, message: str) -> None:
+            step = int(fraction * 10)
+            if step != last[0]:
+                last[0] = step
+                logger.info("prepare {}: {:3.0%} {}", entry.name, fraction, message)
+
+        prepare_avatar(
+            models, store, entry.video_path, entry.name, PrepareSettings(bbox_shift=entry.bbox_shift), progress=progress
+        )
+    return store.load(entry.name)
+
+
+def _raise_interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt
+
+
+def serve(args: argparse.Namespace, transport, entries) -> int:
+    """Load models and the avatar, start the bot, report until Ctrl-C or an error."""
+    from loguru import logger
+
+    from musetalk.bot.processor import LiveSettings
+    from musetalk.bot.runner import BotRunner
+    from musetalk.config import ModelPaths, models_dir_from_env, runtime_from_env
+    from musetalk.models import load_models
+
+    if not args.skip_checks:
+        run_checks(daily=transport.kind == "daily")
+    check_avatar(entries[0], args.config)
+    logger.info("Loading the models from {}", models_dir_from_env())
+    models = load_models(ModelPaths(models_dir_from_env()), runtime_from_env())
+    avatar = load_avatar(models, entries[0], args.config)
+    if args.mode == "speech":
+        logger.info("Speech mode: the avatar lip-syncs TTS audio; without a TTS service in the pipeline it stays idle.")
+
+    runner = BotRunner(models)
+    try:
+        status = runner.start(avatar, transport, LiveSettings(mode=args.mode))
+        if status.url:
+            logger.info("Local page: {}  (open it in a browser, allow the microphone; Ctrl-C stops)", status.url)
+            if transport.host not in LOOPBACK_HOSTS:
+                logger.info(
+                    "Note: browsers allow the microphone only on https or http://127.0.0.1 pages; from another "
+                    "machine use an SSH tunnel (ssh -L {0}:127.0.0.1:{0} this-host) or an https proxy.",
+                    status.url.rstrip("/").rsplit(":", 1)[1],
+                )
+        else:
+            logger.info(
+                "Bot started for the Daily room {} as {!r} (Ctrl-C stops)", transport.room_url, transport.bot_name
+            )
+        next_report = time.monotonic() + STATS_EVERY_S
+        while True:
+            status = runner.status()
+            if status.state == "error":
+                logger.error("The bot stopped: {}", status.last_error)
+                return 1
+            if status.state == "stopped":
+                logger.info("The bot stopped")
+                return 0
+            if time.monotonic() >= next_report:
+                next_report += STATS_EVERY_S
+                fps = "-" if status.fps is None else f"{status.fps:.1f}"
+                latency = "-" if status.mouth_latency_ms is None else f"{status.mouth_latency_ms:.0f} ms"
+                logger.info(
+                    "up {:.0f} s | viewer {} | {} fps | {} frames | mouth latency {}{}",
+                    status.uptime_s, "yes" if status.viewer_connected else "no", fps, status.frames, latency,
+                    f" | {status.warning}" if status.warning else "",
+                )  # fmt: skip
+            time.sleep(0.25)
+    except KeyboardInterrupt:
+        logger.info("Stopping")
+        final = runner.stop(timeout=15)
+        if final.state == "error" and final.last_error:
+            logger.warning("While stopping: {}", final.last_error)
+        logger.info("Stopped cleanly")
+        return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.room_url and not args.local:
+        parser.print_usage(sys.stderr)
+        print(HOW_TO, file=sys.stderr)
+        return 2
+    if args.room_url and args.local:
+        parser.print_usage(sys.stderr)
+        print("error: choose --room-url (a Daily room) or --local (a page on this machine), not both.", file=sys.stderr)
+        return 2
+
+    from musetalk.bot.transports import TransportSettings
+    from musetalk.config import load_realtime_config
+    from musetalk.errors import MuseTalkError
+
+    token = args.token if args.token is not None else os.environ.get("DAILY_TOKEN") or None
+    try:  # everything that can be checked without loading anything
+        if args.local:
+            transport = TransportSettings(kind="local", host=args.host, port=args.port)
+        else:
+            transport = TransportSettings(kind="daily", room_url=args.room_url, token=token)
+        entries = load_realtime_config(args.config)
+    except MuseTalkError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+    setup_logging(args.verbose)
+    from loguru import logger
+
+    # Ctrl-C (even when started from a script that ignores it) and a service manager's stop.
+    previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        return serve(args, transport, entries)
+    except MuseTalkError as exc:
+        logger.error("{}", exc)
+        return 2
+    except KeyboardInterrupt:  # Ctrl-C before the bot was up
+        logger.info("Interrupted before the bot started")
+        return 0
+    except Exception as exc:  # a bug, not a setup problem: one line here, the traceback with --verbose
+        logger.opt(exception=exc).debug("Unexpected error")
+        logger.error("Unexpected error ({}): {} (run with --verbose for details)", type(exc).__name__, exc)
+        return 1
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
