@@ -1,0 +1,446 @@
+"""The control panel (app.py), driven as an operator or a script would drive it.
+
+A real `python app.py` server on a free loopback port, with the tiny models in the real
+on-disk formats (MUSETALK_MODELS_DIR) and a temporary avatars folder; `gradio_client` calls
+its API names; headless Debian Chromium opens every tab and saves screenshots to
+test-artifacts/. A second server with an empty models folder checks the missing-weights path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+import media
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+REPO = Path(__file__).resolve().parent.parent
+ARTIFACTS = REPO / "test-artifacts"
+TOKEN = "sekrit-daily-token-42"
+
+
+# --------------------------------------------------------------------------- helpers
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class PanelServer:
+    """`python app.py ...` in a subprocess; stopped with Ctrl-C (SIGINT), as a person would."""
+
+    def __init__(self, args: list[str], env: dict[str, str], log: Path):
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}/"
+        self.log = log
+        self._log_file = open(log, "w")  # noqa: SIM115 (closed in stop)
+        self.proc = subprocess.Popen(
+            [sys.executable, str(REPO / "app.py"), "--port", str(self.port), *args],
+            cwd=log.parent, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
+        )  # fmt: skip
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, f"app.py exited:\n{self.log.read_text()[-4000:]}"
+            try:
+                if httpx.get(self.url, timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        raise AssertionError(f"app.py did not serve {self.url} within {timeout} s:\n{self.log.read_text()[-4000:]}")
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
+        self._log_file.close()
+        return self.proc.returncode
+
+
+def panel_env(models_dir: Path, avatars_dir: Path, tmp: Path) -> dict[str, str]:
+    return {
+        **os.environ,
+        "MUSETALK_MODELS_DIR": str(models_dir),
+        "MUSETALK_AVATARS_DIR": str(avatars_dir),
+        "MUSETALK_DEVICE": "cpu",
+        "GRADIO_ANALYTICS_ENABLED": "False",
+        "GRADIO_TEMP_DIR": str(tmp / "gradio"),
+        "PYTHONUNBUFFERED": "1",
+    }
+
+
+def candidate_free_offer() -> str:
+    """A WebRTC offer (audio sendrecv, video recvonly) without ICE candidates: the local page
+    answers and starts a viewer pipeline, so the bot produces frames, but no packet is sent."""
+    from aiortc import RTCPeerConnection
+
+    async def offer() -> str:
+        pc = RTCPeerConnection()
+        pc.addTransceiver("audio", direction="sendrecv")
+        pc.addTransceiver("video", direction="recvonly")
+        await pc.setLocalDescription(await pc.createOffer())
+        sdp = pc.localDescription.sdp
+        await pc.close()
+        return sdp
+
+    lines = asyncio.run(offer()).splitlines(keepends=True)
+    return "".join(line for line in lines if not line.startswith(("a=candidate", "a=end-of-candidates")))
+
+
+def poll(fn, until, timeout: float = 20.0, every: float = 0.5):
+    """Call `fn` until `until(value)` holds or `timeout` s pass; returns the last value."""
+    deadline = time.monotonic() + timeout
+    value = fn()
+    while not until(value) and time.monotonic() < deadline:
+        time.sleep(every)
+        value = fn()
+    return value
+
+
+def app_error(call) -> str:
+    with pytest.raises(AppError) as info:
+        call()
+    return str(info.value)
+
+
+def assert_operator_message(message: str, *expected: str) -> None:
+    assert "Traceback" not in message and 'File "' not in message, message
+    for text in expected:
+        assert text in message, message
+
+
+# --------------------------------------------------------------------------- fixtures
+@pytest.fixture(scope="module")
+def videos(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("panel-media")
+    return {
+        "face": media.astronaut_video(root / "astronaut.mp4", seconds=2.0),
+        "long_face": media.astronaut_video(root / "long-astronaut.mp4", seconds=8.0),
+        "cat": media.still_video(root / "cat.mp4", "chelsea"),
+        "speech": media.speech_wav(root / "hello.wav", "Hello there."),
+    }
+
+
+@pytest.fixture(scope="module")
+def panel(tiny_models_dir, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("panel")
+    avatars = tmp / "avatars"
+    server = PanelServer([], panel_env(tiny_models_dir, avatars, tmp), tmp / "app.log")
+    try:
+        server.wait_ready()
+        server.client = Client(server.url, verbose=False)
+        server.avatars = avatars
+        yield server
+    finally:
+        code = server.stop()
+        log = server.log.read_text()
+        assert TOKEN not in log, "the Daily token reached the log"
+        assert code == 0, f"app.py exited with {code} after Ctrl-C:\n{log[-3000:]}"
+
+
+@pytest.fixture(scope="module")
+def prepared(panel, videos) -> dict:
+    """The astronaut clip prepared through the panel as `astro`."""
+    return panel.client.predict(handle_file(str(videos["face"])), "astro", 0, 10, "jaw", 90, False, api_name="/prepare")
+
+
+# --------------------------------------------------------------------------- API tests
+def test_api_names_are_published(panel):
+    endpoints = panel.client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    for name in (
+        "preview", "prepare", "cancel_prepare", "list_avatars", "rename_avatar", "delete_avatar",
+        "reprepare_avatar", "start_bot", "stop_bot", "bot_status", "render", "system_info", "load_models",
+    ):  # fmt: skip
+        assert f"/{name}" in endpoints, sorted(endpoints)
+
+
+def test_preview_shows_four_frames_and_the_shift_range(panel, videos):
+    gallery, summary = panel.client.predict(
+        handle_file(str(videos["face"])), 0, 10, "jaw", 90, api_name="/preview"
+    )  # fmt: skip
+    assert len(gallery) == 4
+    from PIL import Image
+
+    for item in gallery:
+        with Image.open(item["image"]) as img:
+            width, height = img.size
+        assert width == 2 * height, "each preview image is the annotated frame beside a generated one"
+        assert item["caption"].startswith("frame ") and "mask line" in item["caption"]
+    assert "Adjustable bbox_shift range for this clip" in summary
+    assert "Mask: **jaw**" in summary
+
+
+def test_prepare_lists_the_avatar_with_its_manifest(panel, prepared):
+    assert prepared["name"] == "astro" and prepared["frame_count"] == 50 and prepared["fps"] == 25
+    assert prepared["source_exists"], "the uploaded video is kept for re-preparing"
+    listed = panel.client.predict(api_name="/list_avatars")
+    assert [m["name"] for m in listed] == ["astro"]
+    entry = listed[0]
+    assert entry["frame_size"] == [512, 512] and entry["disk_bytes"] > 0 and entry["created"]
+    assert entry["preparation"]["bbox_shift"] == 0 and entry["preparation"]["extra_margin"] == 10
+    # Preparing again under the same name needs `replace`.
+    message = app_error(
+        lambda: panel.client.predict(handle_file(prepared["source_video"]), "astro", 0, 10, "jaw", 90, False, api_name="/prepare")
+    )  # fmt: skip
+    assert_operator_message(message, "already exists", "Replace")
+
+
+def test_video_without_a_face_is_a_clear_error(panel, videos):
+    message = app_error(
+        lambda: panel.client.predict(handle_file(str(videos["cat"])), 0, 10, "jaw", 90, api_name="/preview")
+    )  # fmt: skip
+    assert_operator_message(message, "No face found")
+    message = app_error(
+        lambda: panel.client.predict(handle_file(str(videos["cat"])), "cat", 0, 10, "jaw", 90, False, api_name="/prepare")
+    )  # fmt: skip
+    assert_operator_message(message, "No face found")
+    assert "cat" not in [m["name"] for m in panel.client.predict(api_name="/list_avatars")]
+
+
+def test_bot_start_status_stop_and_start_again(panel, prepared):
+    client = panel.client
+    assert client.predict(api_name="/bot_status")["state"] in ("stopped", "error")
+    for cycle in range(2):
+        status = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+        assert status["state"] == "running", status
+        assert status["transport"] == "local" and status["url"].startswith("http://127.0.0.1:")
+        message = app_error(
+            lambda: client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+        )  # fmt: skip
+        assert_operator_message(message, "already running", "stop it first")
+
+        # A viewer connects to the local page: its pipeline sends video (idle frames here).
+        answer = httpx.post(
+            status["url"] + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=30
+        )
+        assert answer.status_code == 200, answer.text
+        live = poll(lambda: client.predict(api_name="/bot_status"), lambda s: (s["fps"] or 0) > 0)
+        assert live["state"] == "running" and (live["fps"] or 0) > 0 and live["frames"] > 0, live
+        assert live["last_error"] is None
+
+        stopped = client.predict(api_name="/stop_bot")
+        assert stopped["state"] == "stopped", f"cycle {cycle}: {stopped}"
+        assert client.predict(api_name="/bot_status")["state"] == "stopped"
+
+
+def test_bot_errors_are_readable_and_never_show_the_token(panel, prepared):
+    client = panel.client
+    message = app_error(
+        lambda: client.predict("astro", "daily", f"https://acme.daily.co/room?t={TOKEN}", TOKEN, "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    )  # fmt: skip
+    assert_operator_message(message, "query")
+    assert TOKEN not in message
+    message = app_error(
+        lambda: client.predict("astro", "local", "", "", "speech", 0, "127.0.0.1", api_name="/start_bot")
+    )
+    assert_operator_message(message, "TTS", "Mirror")
+    message = app_error(
+        lambda: client.predict("nobody", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    )
+    assert_operator_message(message, "No avatar named 'nobody'", "astro")
+    # A port in use: the start fails with a message, the status shows it, and Start works again.
+    with socket.socket() as blocker:
+        blocker.bind(("127.0.0.1", 0))
+        blocker.listen(1)
+        taken = blocker.getsockname()[1]
+        message = app_error(
+            lambda: client.predict("astro", "local", "", "", "mirror", taken, "127.0.0.1", api_name="/start_bot")
+        )  # fmt: skip
+        assert_operator_message(message, f"Port {taken}", "already in use")
+    status = client.predict(api_name="/bot_status")
+    assert status["state"] == "error" and "already in use" in status["last_error"]
+    assert TOKEN not in json.dumps(status)
+    again = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    assert again["state"] == "running" and again["last_error"] is None
+    assert client.predict(api_name="/stop_bot")["state"] == "stopped"
+
+
+def test_render_returns_an_mp4(panel, prepared, videos):
+    result = panel.client.predict("astro", handle_file(str(videos["speech"])), api_name="/render")
+    path = Path(result["video"] if isinstance(result, dict) else result)
+    assert path.suffix == ".mp4" and path.stat().st_size > 1000
+    assert path.read_bytes()[4:8] == b"ftyp"
+
+
+def test_prepare_can_be_cancelled_while_status_keeps_answering(panel, videos):
+    client = panel.client
+    job = client.submit(handle_file(str(videos["long_face"])), "long", 0, 10, "jaw", 90, False, api_name="/prepare")
+    # Wait until the preparation reports progress, then ask for the status and cancel.
+    poll(job.status, lambda s: bool(s.progress_data) or job.done(), timeout=60, every=0.1)
+    assert not job.done(), "the preparation finished before it could be cancelled"
+    assert client.predict(api_name="/bot_status")["state"] in ("stopped", "error")
+    assert "Cancelling" in client.predict(api_name="/cancel_prepare")
+    with pytest.raises(AppError, match="cancelled"):
+        job.result(timeout=120)
+    assert "long" not in [m["name"] for m in client.predict(api_name="/list_avatars")]
+
+
+def test_reprepare_rename_and_delete(panel, videos):
+    client = panel.client
+    client.predict(handle_file(str(videos["face"])), "spare", 0, 10, "polygon", 90, False, api_name="/prepare")
+    again = client.predict("spare", 3, 12, "polygon", 90, None, api_name="/reprepare_avatar")
+    assert again["preparation"]["bbox_shift"] == 3 and again["preparation"]["extra_margin"] == 12
+    assert client.predict("spare", "spare-2", api_name="/rename_avatar") == "spare-2"
+    message = app_error(lambda: client.predict("spare-2", "bad name!", api_name="/rename_avatar"))
+    assert_operator_message(message, "Invalid avatar name")
+    client.predict("spare-2", api_name="/delete_avatar")
+    names = [m["name"] for m in client.predict(api_name="/list_avatars")]
+    assert "spare-2" not in names and "spare" not in names
+    message = app_error(lambda: client.predict("spare-2", api_name="/delete_avatar"))
+    assert_operator_message(message, "No avatar named 'spare-2'")
+    # The kept source videos of deleted avatars are removed; the remaining avatar's stays.
+    kept = sorted(p.name for p in (panel.avatars / ".sources").iterdir())
+    assert len(kept) == 1 and kept[0].startswith("astro-"), kept
+
+
+def test_system_info_says_what_runs_where(panel):
+    info = panel.client.predict(api_name="/system_info")
+    assert info["device"].startswith("cpu") and info["missing"] == []
+    assert info["models_state"].startswith("ready")
+    assert {"torch", "pipecat-ai", "gradio"} <= set(info["versions"])
+    assert all(part["present"] for part in info["weights"])
+    assert info["fetch_command"] == "bash download_weights.sh"
+
+
+# --------------------------------------------------------------------------- missing weights
+def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, videos):
+    empty = tmp_path / "no-models"
+    empty.mkdir()
+    server = PanelServer(
+        ["--models-dir", str(empty), "--avatars-dir", str(tmp_path / "avatars"), "--auth", "operator:s3cret"],
+        panel_env(tmp_path / "unused", tmp_path / "unused-avatars", tmp_path),
+        tmp_path / "app.log",
+    )
+    try:
+        server.wait_ready()
+        with pytest.raises(ValueError):  # --auth: no API without the password
+            Client(server.url, verbose=False)
+        client = Client(server.url, auth=("operator", "s3cret"), verbose=False)
+        message = app_error(
+            lambda: client.predict(handle_file(str(videos["face"])), 0, 10, "jaw", 90, api_name="/preview")
+        )
+        assert_operator_message(message, "bash download_weights.sh", "missing", str(empty / "musetalkV15" / "unet.pth"))
+        message = app_error(
+            lambda: client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+        )
+        assert_operator_message(message, "bash download_weights.sh")
+        assert client.predict(api_name="/bot_status")["state"] == "stopped"
+        info = client.predict(api_name="/system_info")
+        assert info["models_state"].startswith("not loaded") and str(empty) in info["models_dir"]
+        assert not any(part["present"] for part in info["weights"])
+    finally:
+        assert server.stop() == 0
+
+
+# --------------------------------------------------------------------------- browser
+TABS = {
+    # tab: labels that must be on screen once it is open
+    "Avatars": ["Video", "bbox_shift (px)", "extra_margin (px)", "Blend mask", "Cheek width", "Preview", "Avatar name", "Prepare", "Cancel preparation", "Library"],
+    "Live": ["Avatar", "Transport", "Local page on this machine", "Daily room", "Mode", "Start", "Stop", "Frames per second", "Mouth latency"],
+    "Render": ["Avatar", "Speech", "Render", "Lip-synced video"],
+    "System": ["Device", "Weights", "MuseTalk v1.5 UNet", "bash download_weights.sh", "Load models"],
+}  # fmt: skip
+
+
+def _wait_js(page, expression: str, timeout: float = 30.0):
+    return poll(lambda: page.evaluate(expression), bool, timeout=timeout, every=0.2)
+
+
+def _screenshot(page, path: Path) -> None:
+    height = int(page.call("Page.getLayoutMetrics")["cssContentSize"]["height"])
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": min(max(height, 900), 4000), "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    time.sleep(0.5)
+    data = page.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
+    path.write_bytes(base64.b64decode(data))
+    page.call(
+        "Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    )
+
+
+def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
+    from browser import Chromium, find_chromium
+
+    if find_chromium() is None:
+        pytest.skip("chromium is not installed (apt-get install -y chromium)")
+    ARTIFACTS.mkdir(exist_ok=True)
+    with Chromium() as browser:
+        page = browser.new_page(panel.url)
+        page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+        assert _wait_js(page, "document.querySelectorAll('button[role=tab]').length >= 4"), browser.console
+        assert _wait_js(page, "document.body.innerText.includes('Models ready')"), page.evaluate(
+            "document.body.innerText"
+        )
+        for tab, labels in TABS.items():
+            page.evaluate(
+                f"[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === {json.dumps(tab)}).click()"
+            )
+            expected = json.dumps(labels)
+            missing = _wait_js(
+                page, f"(() => {{ const t = document.body.innerText; return {expected}.every(l => t.includes(l)); }})()"
+            )
+            text = page.evaluate("document.body.innerText")
+            assert missing, f"{tab}: missing {[label for label in labels if label not in text]}"
+            if tab == "Avatars":  # the prepared avatar is in the library, with its manifest
+                assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
+            _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
+
+        # Live: Daily shows its fields, the token field hides what is typed.
+        page.evaluate(
+            "[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === 'Live').click()"
+        )
+        page.evaluate(
+            "[...document.querySelectorAll('label')].find(l => l.textContent.trim() === 'Daily room').querySelector('input').click()"
+        )
+        assert _wait_js(
+            page,
+            "!!document.querySelector('input[type=password]') && document.body.innerText.includes('Daily room URL')",
+        )
+        _screenshot(page, ARTIFACTS / "panel-live-daily.png")
+
+        # Avatars: upload a video in the page; the preview gallery fills with 4 frames.
+        page.evaluate(
+            "[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === 'Avatars').click()"
+        )
+        root = page.call("DOM.getDocument", {"depth": -1, "pierce": True})["root"]["nodeId"]
+        node = page.call("DOM.querySelector", {"nodeId": root, "selector": "input[type=file][accept*=video]"})["nodeId"]
+        page.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(videos["face"])]})
+        assert _wait_js(page, "document.body.innerText.includes('Adjustable bbox_shift range')", timeout=90), (
+            browser.console
+        )
+        assert _wait_js(page, "document.body.innerText.includes('frame 49: mask line')")
+        name_field = "document.querySelector('textarea[placeholder^=\"e.g.\"]').value"
+        assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
+        _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
+
+
+# --------------------------------------------------------------------------- command line
+def test_address_flags_spaces_and_auth():
+    import app
+
+    assert app.resolve_address(None, None, {}) == ("127.0.0.1", 7860)
+    assert app.resolve_address(None, None, {"SPACE_ID": "me/musetalk"}) == ("0.0.0.0", 7860)
+    assert app.resolve_address(None, None, {"SPACE_ID": "me/musetalk", "GRADIO_SERVER_PORT": "7000"}) == (
+        "0.0.0.0",
+        7000,
+    )
+    assert app.resolve_address("127.0.0.1", 8000, {"SPACE_ID": "me/musetalk"}) == ("127.0.0.1", 8000)
+    assert app.parse_auth("admin:pa:ss") == ("admin", "pa:ss")
+    assert app.parse_auth(None) is None
+    assert app.main(["--auth", "no-password"]) == 2
