@@ -9,6 +9,7 @@ range measured on the clip's landmarks.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import cv2
 import numpy as np
@@ -67,17 +68,52 @@ def spread(n: int, count: int) -> list[int]:
     return [round(i * (n - 1) / (count - 1)) for i in range(count)]
 
 
-@torch.inference_mode()
-def preview_video(models: Models, video_path, settings: PrepareSettings | None = None, *, count: int = 4) -> Preview:
-    """Analyse a clip and render `count` preview frames; nothing is written to disk."""
-    settings = settings or PrepareSettings()
+@dataclass(frozen=True)
+class _Analysis:
+    """Decoded sample frames and their landmarks: what does not depend on the sliders."""
+
+    key: tuple
+    frames: dict[int, np.ndarray]  # frame number -> (H, W, 3) uint8
+    sample: list[int]
+    track: FaceTrack
+    total: int
+    info: VideoInfo
+
+
+_last_analysis: _Analysis | None = None  # one clip: moving a slider re-renders without decoding again
+
+
+def _analyse(models: Models, video_path, settings: PrepareSettings, count: int) -> _Analysis:
+    global _last_analysis
+    path = Path(video_path)
+    stat = path.stat() if path.is_file() else None
+    key = (str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size, settings.max_side, settings.max_seconds, count, id(models))
+    cached = _last_analysis
+    if cached is not None and cached.key == key:
+        return cached
     frames, info = read_video(video_path, max_side=settings.max_side, max_seconds=settings.max_seconds)
-    size = info.size
     sample = sorted(set(spread(len(frames), _RANGE_SAMPLES)) | set(spread(len(frames), count)))
     track = track_faces(models.landmarker, [frames[i] for i in sample])
+    _face_notes(track, len(sample))  # raises NoFaceError when no sampled frame has a face
+    analysis = _Analysis(key, {i: frames[i] for i in sample}, sample, track, len(frames), info)
+    _last_analysis = analysis
+    return analysis
+
+
+@torch.inference_mode()
+def preview_video(models: Models, video_path, settings: PrepareSettings | None = None, *, count: int = 4) -> Preview:
+    """Analyse a clip and render `count` preview frames; nothing is written to disk.
+
+    The decoded frames and landmarks of the last clip are kept, so changing bbox_shift,
+    extra_margin or the mask settings re-renders without decoding the video again.
+    """
+    settings = settings or PrepareSettings()
+    analysis = _analyse(models, video_path, settings, count)
+    info, sample, track = analysis.info, analysis.sample, analysis.track
+    size = info.size
     notes = _face_notes(track, len(sample))
-    shown = [sample.index(i) for i in spread(len(frames), count)]
-    chosen = [frames[sample[k]] for k in shown]
+    shown = [sample.index(i) for i in spread(analysis.total, count)]
+    chosen = [analysis.frames[sample[k]] for k in shown]
     sub = FaceTrack([track.landmarks[k] for k in shown], [], [])
     if any(lm is None for lm in sub.landmarks):
         # preview frames without a face borrow the nearest analysed frame's landmarks
