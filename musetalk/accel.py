@@ -10,26 +10,35 @@ Exact, on by default:
 * `keep_memory` (CPU, glibc only): freed tensor memory stays in the process heap instead of
   going back to the OS. Without it every large activation (the batch-8 VAE decoder allocates
   tensors of 256 MiB) is a fresh `mmap` whose pages the kernel zero-fills on first touch:
-  about 0.9 M page faults per two decoded frames. Measured here: decode -17 %, UNet -20 %
-  per frame. Process-wide, one-way (the heap keeps its high-water mark, ~2-3 GiB at batch 8),
-  so it belongs in a process that serves models, not in a library import.
+  about 0.9 M page faults per two decoded frames. Measured on 2 Xeon cores, batch 8, model
+  step only: 2550 -> 2195 ms/frame (UNet 592 -> 552, decode 1957 -> 1643). Process-wide
+  while on (the heap keeps its high-water mark, ~2-3 GiB at batch 8), so it belongs in a
+  process that serves models, not in a library import.
+
+Exact but off by default, because it measured slower:
+
 * `lean_blocks`: diffusers' ResnetBlock2D recomputed with the same operations in the same
   order, but SiLU in place, the residual added in place and the no-op `/ 1.0` dropped
-  (x / 1.0 == x and a + b == b + a in IEEE arithmetic, so the bits are the same). Only when
-  autograd is off, so training code is never affected.
+  (x / 1.0 == x and a + b == b + a in IEEE arithmetic, so the bits are the same); only when
+  autograd is off. Fewer buffers, yet 3-4 % slower per frame on the CPU above (2550 -> 2623
+  alone, 2195 -> 2287 with `keep_memory`).
 
 Opt-in, because they change results at the float-rounding level (measured by the bench):
 
-* `channels_last`: NHWC convolution weights. On this CPU oneDNN picks other kernels for NHWC
-  and the outputs differ by ~1e-5 (a few uint8 pixels flip); on CUDA it is the usual fast path.
+* `channels_last`: NHWC convolution weights. On this CPU oneDNN picks other kernels for NHWC:
+  outputs differ by ~1e-5 (some uint8 pixels flip) and it is not faster here (2400 vs 2287
+  ms/frame); on CUDA it is the usual fast path for convolutions.
 * `approx_decode`: the VAE decoder under bf16 autocast on CPUs with native bf16 (AMX or
   AVX512-BF16), ~3x faster, ~50 dB PSNR against the exact decode with random weights;
   on CUDA (already fp16) it only switches the decoder to channels_last.
-* `compile`: `torch.compile` of the UNet and the VAE decoder (long first-call compile).
+* `compile`: `torch.compile` of the UNet and the VAE decoder. Inductor fuses and reorders
+  reductions: on the tiny test models 65 output values differed by 1, and the first call
+  compiled for ~2 minutes on 2 CPU cores.
 
-Things measured and rejected (exact but no faster on this CPU): prepacked oneDNN convolution
-weights; other thread counts or batch sizes change results (oneDNN and MKL pick other
-reduction orders for batch 1 and for other thread counts), so they are no free speed-up.
+Measured and rejected: prepacked (pre-reordered) oneDNN convolution weights are exact but
+~2 % slower. Thread count and batch size are no free knobs: per-sample results are the same
+for UNet/decoder batches of 2, 4 and 8, but batch 1 and other thread counts change the
+float results (oneDNN/MKL pick other kernels and reduction orders).
 """
 
 from __future__ import annotations
@@ -198,7 +207,7 @@ def optimize_for_inference(
     models: Models,
     *,
     keep_memory: bool | None = None,
-    lean_blocks: bool = True,
+    lean_blocks: bool = False,
     channels_last: bool = False,
     approx_decode: bool = False,
     compile: bool = False,

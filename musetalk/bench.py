@@ -443,7 +443,7 @@ class BenchOptions:
     approx: bool = False
     accel: bool = True
     keep_memory: bool = True
-    lean_blocks: bool = True
+    lean_blocks: bool = False
     channels_last: bool = False
     compile: bool = False
     warmup: bool = True
@@ -747,7 +747,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--tiny", action="store_true", help="tiny architectures (tests, smoke checks): not representative")
     p.add_argument("--no-accel", dest="accel", action="store_false", help="our generator on the plain models")
     p.add_argument("--no-keep-memory", dest="keep_memory", action="store_false", help="accel without the allocator setting")
-    p.add_argument("--no-lean-blocks", dest="lean_blocks", action="store_false", help="accel without the lean ResNet blocks")
+    p.add_argument("--lean-blocks", action="store_true", help="exact in-place ResNet blocks (measured slower on CPU)")
     p.add_argument("--channels-last", action="store_true", help="opt-in: NHWC conv weights (not byte-exact on CPU)")
     p.add_argument("--compile", action="store_true", help="opt-in: torch.compile the UNet and the VAE decoder")
     p.add_argument("--no-warmup", dest="warmup", action="store_false", help="skip the one-batch warm-up of both paths")

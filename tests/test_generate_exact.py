@@ -80,8 +80,9 @@ def test_plain_generator_is_byte_identical_to_official_loop(plain_frames, refere
     _assert_same(plain_frames, reference)
 
 
-def test_accelerated_generator_is_byte_identical_to_official_loop(tiny, avatar, features, reference):
-    fast = accel.optimize_for_inference(tiny, copy_modules=True)
+@pytest.mark.parametrize("lean_blocks", [False, True])
+def test_accelerated_generator_is_byte_identical_to_official_loop(tiny, avatar, features, reference, lean_blocks):
+    fast = accel.optimize_for_inference(tiny, lean_blocks=lean_blocks, copy_modules=True)
     assert fast.unet is not tiny.unet and fast.vae is not tiny.vae
     assert fast.unet.conv_in.weight is tiny.unet.conv_in.weight  # weights shared, not copied
     _assert_same(_generate(fast, avatar, features), reference)
