@@ -124,7 +124,9 @@ def allocator_tunable() -> bool:
 
 
 # ------------------------------------------------------------------ lean ResNet blocks
-def _lean_resnet_forward(self: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs):
+def _lean_resnet_forward(
+    self: nn.Module, input_tensor: torch.Tensor, temb: torch.Tensor | None = None, *args, **kwargs
+):
     """ResnetBlock2D.forward (default time-embedding norm, no resampling, scale 1), fewer buffers."""
     if torch.is_grad_enabled() or args or kwargs:
         return type(self).forward(self, input_tensor, temb, *args, **kwargs)
@@ -176,7 +178,9 @@ def _channels_last_weights(module: nn.Module) -> None:
     """NHWC weights as new Parameters (the originals, possibly shared, stay as they are)."""
     for conv in module.modules():
         if isinstance(conv, nn.Conv2d):
-            conv.weight = nn.Parameter(conv.weight.detach().contiguous(memory_format=torch.channels_last), requires_grad=False)
+            conv.weight = nn.Parameter(
+                conv.weight.detach().contiguous(memory_format=torch.channels_last), requires_grad=False
+            )
 
 
 def bf16_cpu_supported() -> bool:

@@ -69,7 +69,13 @@ FIGURE_KEYS = (
     "features_pct_of_peak", "unet_pct_of_peak", "vae_decode_pct_of_peak", "ours_pct_of_peak", "official_pct_of_peak",
     "cpu_share_ours", "cpu_share_official",
 )  # fmt: skip
-APPROX_KEYS = ("approx_fps", "approx_speedup", "approx_vae_decode_ms_per_frame", "approx_face_psnr_db", "approx_frame_psnr_db")
+APPROX_KEYS = (
+    "approx_fps",
+    "approx_speedup",
+    "approx_vae_decode_ms_per_frame",
+    "approx_face_psnr_db",
+    "approx_frame_psnr_db",
+)
 
 
 # ====================================================================== random models
@@ -144,7 +150,9 @@ def _quiet_diffusers() -> Iterator[None]:
         dlogging.set_verbosity(level)
 
 
-def build_random_models(*, tiny: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0) -> Models:
+def build_random_models(
+    *, tiny: bool = False, device: str | torch.device = "cpu", dtype: torch.dtype | None = None, seed: int = 0
+) -> Models:
     """Full-size (or tiny) MuseTalk networks with random weights, built on meta then materialised."""
     from transformers import WhisperFeatureExtractor
 
@@ -167,7 +175,9 @@ def build_random_models(*, tiny: bool = False, device: str | torch.device = "cpu
 
 
 # ====================================================================== synthetic avatar
-def synthetic_avatar(*, frames: int = 8, size: tuple[int, int] = FRAME_SIZE, face_box: Sequence[int] = FACE_BOX, seed: int = 0) -> Avatar:
+def synthetic_avatar(
+    *, frames: int = 8, size: tuple[int, int] = FRAME_SIZE, face_box: Sequence[int] = FACE_BOX, seed: int = 0
+) -> Avatar:
     """A prepared-avatar stand-in: smooth random 720p frames, a jittered ~250x300 face box, the
     MuseTalk crop box around it, a blurred lower-face mask at crop size, random latents."""
     rng = np.random.default_rng(seed)
@@ -184,7 +194,9 @@ def synthetic_avatar(*, frames: int = 8, size: tuple[int, int] = FRAME_SIZE, fac
         mask = np.zeros((ch, cw), np.uint8)
         fx0, fy0, fx1, fy1 = x0 - cb[0], y0 - cb[1], x1 - cb[0], y1 - cb[1]
         centre = ((fx0 + fx1) // 2, (fy0 + fy1) // 2)
-        cv2.ellipse(mask, (centre[0], (fy0 + 3 * fy1) // 4), ((fx1 - fx0) * 9 // 20, (fy1 - fy0) * 3 // 8), 0, 0, 360, 255, -1)
+        cv2.ellipse(
+            mask, (centre[0], (fy0 + 3 * fy1) // 4), ((fx1 - fx0) * 9 // 20, (fy1 - fy0) * 3 // 8), 0, 0, 360, 255, -1
+        )
         mask[: centre[1]] = 0  # only below the box centre line, as MuseTalk's v1.5 mask
         k = blur_kernel_size(cw)
         mask = cv2.GaussianBlur(mask, (k, k), 0)
@@ -207,7 +219,9 @@ def synthetic_features(frames: int, dim: int, *, seed: int = 0) -> torch.Tensor:
 
 
 # ====================================================================== official loop
-def official_blend(frame: np.ndarray, face: np.ndarray, box: Sequence[int], crop_box: Sequence[int], mask: np.ndarray) -> np.ndarray:
+def official_blend(
+    frame: np.ndarray, face: np.ndarray, box: Sequence[int], crop_box: Sequence[int], mask: np.ndarray
+) -> np.ndarray:
     """MuseTalk's full-frame PIL composite. `face` is already resized to the box.
 
     Body image of the whole frame; its crop-box crop gets the face pasted at the box; that crop
@@ -264,7 +278,9 @@ def official_loop(
             for i, face in zip(idx, faces):
                 x0, y0, x1, y1 = (int(v) for v in avatar.boxes[i])
                 resized = cv2.resize(face, (x1 - x0, y1 - y0))
-                out.append(official_blend(avatar.frames[i], resized, avatar.boxes[i], avatar.crop_boxes[i], avatar.masks[i]))
+                out.append(
+                    official_blend(avatar.frames[i], resized, avatar.boxes[i], avatar.crop_boxes[i], avatar.masks[i])
+                )
     return out
 
 
@@ -483,7 +499,9 @@ def run(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict
     device = _resolve_device(opts.device)
     t_build = time.perf_counter()
     models = build_random_models(tiny=opts.tiny, device=device, seed=opts.seed)
-    log(f"built {'tiny' if opts.tiny else 'full-size'} random models on {models.describe()} in {time.perf_counter() - t_build:.1f} s")
+    log(
+        f"built {'tiny' if opts.tiny else 'full-size'} random models on {models.describe()} in {time.perf_counter() - t_build:.1f} s"
+    )
     avatar = synthetic_avatar(seed=opts.seed)
     features = synthetic_features(opts.frames, models.audio_dim, seed=opts.seed + 1)
     flops = count_gflop(opts.tiny)
@@ -610,7 +628,9 @@ def run(opts: BenchOptions, log: Callable[[str], None] = lambda s: None) -> dict
     return rep
 
 
-def _run_approx(models, avatar, features, opts: BenchOptions, exact: Timed, exact_faces: torch.Tensor, device, log) -> dict[str, Any]:
+def _run_approx(
+    models, avatar, features, opts: BenchOptions, exact: Timed, exact_faces: torch.Tensor, device, log
+) -> dict[str, Any]:
     """The opt-in approximate decode: end-to-end speed, and PSNR against the exact path.
 
     The UNet path is unchanged, so the decoder sees the same latents in both passes: the
@@ -726,7 +746,11 @@ def format_report(rep: dict[str, Any]) -> str:
         f"byte-identical to the official loop: {'YES' if rep['byte_identical'] else 'NO'} "
         f"(max abs diff {rep['max_abs_diff']}, {rep['differing_pixels']} values differ)",
         f"cpu share: ours {rep['cpu_share_ours']:.2f}, official {rep['cpu_share_official']:.2f}"
-        + (f"; other processes used {100 * rep['other_load']:.0f}% of the machine meanwhile" if rep.get("other_load") is not None else ""),
+        + (
+            f"; other processes used {100 * rep['other_load']:.0f}% of the machine meanwhile"
+            if rep.get("other_load") is not None
+            else ""
+        ),
     ]
     if rep.get("other_load") and rep["other_load"] > 0.1:
         lines.append("WARNING: other processes were busy during the run; timings are disturbed")
@@ -746,13 +770,17 @@ def format_report(rep: dict[str, Any]) -> str:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m musetalk.bench", description=__doc__.split("\n\n")[0])
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
-    p.add_argument("--batch", type=int, default=OFFICIAL_BATCH, help="our generator's batch size (the official loop uses 8)")
+    p.add_argument(
+        "--batch", type=int, default=OFFICIAL_BATCH, help="our generator's batch size (the official loop uses 8)"
+    )
     p.add_argument("--frames", type=int, default=16, help="frames generated per timed pass")
     p.add_argument("--json", action="store_true", help="print one JSON object instead of the text report")
     p.add_argument("--approx", action="store_true", help="also measure the opt-in approximate decode")
     p.add_argument("--tiny", action="store_true", help="tiny architectures (tests, smoke checks): not representative")
     p.add_argument("--no-accel", dest="accel", action="store_false", help="our generator on the plain models")
-    p.add_argument("--no-keep-memory", dest="keep_memory", action="store_false", help="accel without the allocator setting")
+    p.add_argument(
+        "--no-keep-memory", dest="keep_memory", action="store_false", help="accel without the allocator setting"
+    )
     p.add_argument("--lean-blocks", action="store_true", help="exact in-place ResNet blocks (measured slower on CPU)")
     p.add_argument("--channels-last", action="store_true", help="opt-in: NHWC conv weights (not byte-exact on CPU)")
     p.add_argument("--compile", action="store_true", help="opt-in: torch.compile the UNet and the VAE decoder")

@@ -123,7 +123,9 @@ class LipSyncGenerator:
         while pending:
             yield from pending.popleft().result()
 
-    def _compose_when_copied(self, positions: Sequence[int], host: torch.Tensor, copied: torch.cuda.Event) -> list[np.ndarray]:
+    def _compose_when_copied(
+        self, positions: Sequence[int], host: torch.Tensor, copied: torch.cuda.Event
+    ) -> list[np.ndarray]:
         copied.synchronize()
         return self._compose_batch(positions, host)
 
