@@ -21,6 +21,7 @@ How it keeps sync, latency and liveness:
 from __future__ import annotations
 
 import asyncio
+import bisect
 import statistics
 import time
 from collections import deque
@@ -407,10 +408,9 @@ class MuseTalkProcessor(FrameProcessor):
         self._arrivals.clear()
 
     def _arrival_of(self, sample: int) -> float:
-        for end, t in self._arrivals:
-            if end > sample:
-                return t
-        return time.monotonic()
+        """When the chunk holding `sample` arrived (chunk ends are increasing: binary search)."""
+        k = bisect.bisect_right(self._arrivals, sample, key=lambda arrival: arrival[0])
+        return self._arrivals[k][1] if k < len(self._arrivals) else time.monotonic()
 
     def _add_entries(self, ready, now: float) -> None:
         if not ready:
