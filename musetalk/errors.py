@@ -39,3 +39,7 @@ class AvatarError(MuseTalkError):
 
 class ConfigError(MuseTalkError):
     """A configuration file or setting is invalid."""
+
+
+class CapacityError(MuseTalkError):
+    """The generation service cannot take another live session in real time."""

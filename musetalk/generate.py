@@ -46,6 +46,26 @@ def blend_face(
     return out
 
 
+@torch.inference_mode()
+def model_step(
+    models: Models, latents: torch.Tensor, features: torch.Tensor, pe: torch.Tensor, timestep: torch.Tensor
+) -> torch.Tensor:
+    """The UNet step and VAE decode, the one implementation every path uses.
+
+    `latents (B, 8, 32, 32)` and `pe (1, 50, D)` on the models' device and dtype, `features (B, 50, D)`
+    anywhere -> `(B, 256, 256, 3) uint8` faces on the device. Rows may come from different avatars.
+    """
+    audio = features.to(models.device, models.dtype, non_blocking=True) + pe
+    pred = models.unet(latents, timestep, encoder_hidden_states=audio).sample
+    return decode_latents(models.vae, pred)
+
+
+def compose_frame(avatar: Avatar, position: int, face: np.ndarray) -> np.ndarray:
+    """Blend one generated `face (256, 256, 3) uint8` into the avatar frame at loop `position`."""
+    i = avatar.frame_index(position)
+    return blend_face(avatar.frames[i], face, avatar.boxes[i], avatar.crop_boxes[i], avatar.masks[i])
+
+
 def _copy_to_host(faces: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event]:
     """Start an asynchronous device-to-host copy into pinned memory; the event marks its end."""
     host = torch.empty(faces.shape, dtype=faces.dtype, pin_memory=True)
@@ -82,16 +102,12 @@ class LipSyncGenerator:
         """UNet + VAE decode for one batch: `features (B, 50, D)` -> `(B, 256, 256, 3) uint8` on device."""
         index = torch.as_tensor([self.avatar.frame_index(p) for p in positions], device=self.device)
         latents = self._latents.index_select(0, index)
-        audio = features.to(self.device, self.dtype, non_blocking=True) + self._pe
-        pred = self.models.unet(latents, self._timestep, encoder_hidden_states=audio).sample
-        return decode_latents(self.models.vae, pred)
+        return model_step(self.models, latents, features, self._pe, self._timestep)
 
     # -------------------------------------------------------------- CPU step
     def compose(self, position: int, face: np.ndarray) -> np.ndarray:
         """Blend one generated face into the avatar frame at `position` of the loop."""
-        i = self.avatar.frame_index(position)
-        a = self.avatar
-        return blend_face(a.frames[i], face, a.boxes[i], a.crop_boxes[i], a.masks[i])
+        return compose_frame(self.avatar, position, face)
 
     def _compose_batch(self, positions: Sequence[int], faces: torch.Tensor) -> list[np.ndarray]:
         faces_np = faces.cpu().numpy()

@@ -1,0 +1,1 @@
+"""Live lip-sync without Pipecat: per-session scheduling and the shared generation service."""
