@@ -305,7 +305,7 @@ class GenerationService:
             recent = [n for t, n in self._recent if now - t <= 5.0]
             sessions = len(self._sessions)
             queued = sum(len(s.queue) for s in self._sessions.values())
-            counts = dict(self._counts)
+            counts = Counter(self._counts)
             sizes = dict(sorted(self._batch_sizes.items()))
         cost = self.frame_cost()
         capacity = self.capacity()
@@ -529,8 +529,8 @@ class GenerationService:
         """Hand a result to its session; a sink that fails closes that session only."""
         try:
             session.sink(result)
-        except Exception:
-            logger.exception("MuseTalk session {} failed to take its frames: closing it", session.id)
+        except Exception as exc:
+            logger.error("MuseTalk session {} failed to take its frames ({}): closing it", session.id, exc)
             with self._cond:
                 if self._sessions.get(session.id) is session:
                     del self._sessions[session.id]
