@@ -26,6 +26,7 @@ of the machine other processes used meanwhile) say how much of the CPU the run r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -788,7 +789,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="timed passes of each path, alternating; the best counts")
     p.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: PyTorch's choice)")
     p.add_argument("--seed", type=int, default=0)
+    live = p.add_argument_group("live streams (musetalk.bench_streams)")
+    live.add_argument("--streams", type=str, default=None, help="N (or N,M,...) sessions paced in real time")
+    live.add_argument("--find-max", action="store_true", help="search the largest N with >= 24 fps each, < 1%% late")
+    live.add_argument("--size", choices=("tiny", "full"), default=None, help="random models (default: full on CUDA)")
+    live.add_argument("--seconds", type=float, default=10.0, help="speech per session and N")
+    live.add_argument("--latency-budget", type=float, default=0.2, help="seconds a frame may wait for the model")
+    live.add_argument("--service-batch", type=int, default=None, help="the service's batch size (8 CUDA / 4 CPU)")
+    live.add_argument("--whisper-window", type=float, default=30.0, help="seconds of audio per whisper pass")
+    live.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip one-service-per-session runs")
     args = vars(p.parse_args(argv))
+    streams = args.pop("streams")
+    live_args = {k: args.pop(k) for k in ("find_max", "size", "seconds", "latency_budget", "service_batch", "whisper_window", "baseline")}
+    if streams is not None or live_args["find_max"]:
+        return _main_streams(streams or "64", live_args, args)
     as_json = args.pop("json")
     if args["frames"] < 1 or args["batch"] < 1:
         p.error("--frames and --batch must be >= 1")
@@ -796,6 +810,34 @@ def main(argv: Sequence[str] | None = None) -> int:
     log = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
     rep = run(opts, log)
     print(json.dumps(rep, indent=2) if as_json else "\n" + format_report(rep))
+    return 0
+
+
+def _main_streams(streams: str, live: dict[str, Any], args: dict[str, Any]) -> int:
+    """`--streams`: paced live sessions against the generation service (see musetalk.bench_streams)."""
+    from musetalk.bench_streams import StreamsOptions, main_streams
+
+    device = _resolve_device(args["device"])
+    if args["threads"] or device.type == "cpu":  # render and live at the thread count the service uses
+        from musetalk.live.service import GenerationService, ServiceSettings
+
+        torch.set_num_threads(args["threads"] or GenerationService.default_torch_threads(ServiceSettings()))
+    size = live["size"] or ("full" if device.type == "cuda" else "tiny")
+    counts = [int(n) for n in streams.split(",")]
+    if min(counts) < 1:
+        raise SystemExit("--streams takes positive session counts")
+    models = accel.optimize_for_inference(build_random_models(tiny=size == "tiny", device=device, seed=args["seed"]))
+    opts = StreamsOptions(
+        seconds=live["seconds"], latency_budget_s=live["latency_budget"], batch_size=live["service_batch"],
+        whisper_window_s=live["whisper_window"],
+    )  # fmt: skip
+    avatars = []
+    for k in range(opts.avatars):
+        avatar = synthetic_avatar(frames=10, size=opts.frame_size, face_box=(150, 140, 362, 400), seed=args["seed"] + k)
+        avatars.append(dataclasses.replace(avatar, manifest=dataclasses.replace(avatar.manifest, name=f"bench{k}")))
+    print(f"{size} random models on {_device_name(device)} ({models.describe()}), {torch.get_num_threads()} torch threads, "
+          f"{opts.seconds:.0f} s of speech per session, latency budget {opts.latency_budget_s} s", flush=True)  # fmt: skip
+    main_streams(models, avatars, counts, opts, find=live["find_max"], baseline=live["baseline"])
     return 0
 
 

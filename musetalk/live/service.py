@@ -62,6 +62,9 @@ class ServiceSettings:
     batch_size: int | None = None  # frames per model batch (default: 8 on CUDA, 4 on CPU)
     whisper_window_s: float = WINDOW_SECONDS  # audio the encoder sees per window (30: MuseTalk's recipe)
     blend_threads: int | None = None  # CPU threads blending frames (default: half the cores, 1-4)
+    # Torch intra-op threads on CPU (process-wide; default: the cores left after blending and one for the
+    # event loop, at least 1). Measured: OpenMP threads that outnumber the free cores stall each other.
+    torch_threads: int | None = None
     max_sessions: int | None = None  # hard cap on open sessions (None: only the measured capacity)
     admission: bool = True  # refuse sessions past the measured real-time capacity
     gather_s: float = 0.02  # how long the worker waits for a batch to fill
@@ -104,6 +107,7 @@ class ServiceStats:
     capacity_left: int | None
     gpu_memory_mb: float | None
     gpu_peak_memory_mb: float | None
+    stage_ms_per_frame: dict[str, float]  # features / model / blend, averaged over every generated frame
 
 
 @dataclass
@@ -156,6 +160,7 @@ class GenerationService:
         self._last_measured = 0.0
         self._recent: deque[tuple[float, int]] = deque(maxlen=2000)  # (perf_counter, batch size)
         self._counts = Counter()
+        self._stage_s: Counter = Counter()  # seconds spent per stage, summed
         self._batch_sizes: Counter = Counter()
 
     # ------------------------------------------------------------------ sharing
@@ -286,6 +291,7 @@ class GenerationService:
 
     def calibrate(self, avatar_id: str, *, repeats: int = 2) -> float:
         """Measure full batches now (a warm-up batch first); returns the steady seconds per frame."""
+        self._apply_threads()
         state = self._avatars[avatar_id]
         features = torch.zeros(self.batch_size, FEATURES_PER_VIDEO_FRAME * 5, self.models.audio_dim)
         positions = list(range(self.batch_size))
@@ -307,6 +313,7 @@ class GenerationService:
             queued = sum(len(s.queue) for s in self._sessions.values())
             counts = Counter(self._counts)
             sizes = dict(sorted(self._batch_sizes.items()))
+            stages = {k: v * 1000 / max(counts["frames"], 1) for k, v in self._stage_s.items()}
         cost = self.frame_cost()
         capacity = self.capacity()
         limit = self.session_limit()
@@ -320,16 +327,33 @@ class GenerationService:
             errors=counts["errors"], batch_sizes=sizes, mean_batch=sum(recent) / len(recent) if recent else None,
             frames_per_s=sum(recent) / 5.0, frame_cost_ms=cost * 1000 if cost is not None else None,
             capacity=capacity, capacity_left=None if limit is None else max(0, limit - sessions),
-            gpu_memory_mb=gpu, gpu_peak_memory_mb=peak,
+            gpu_memory_mb=gpu, gpu_peak_memory_mb=peak, stage_ms_per_frame=stages,
         )  # fmt: skip
 
     # ------------------------------------------------------------------ worker
     def _ensure_worker(self) -> None:
         if self._worker is None:
-            threads = self.settings.blend_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
-            self._blender = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="musetalk-blend")
+            self._apply_threads()
+            self._blender = ThreadPoolExecutor(max_workers=self._blend_threads(), thread_name_prefix="musetalk-blend")
             self._worker = threading.Thread(target=self._run, name="musetalk-service", daemon=True)
             self._worker.start()
+
+    @staticmethod
+    def default_blend_threads(settings: ServiceSettings) -> int:
+        return settings.blend_threads or max(1, min(4, (os.cpu_count() or 2) // 2))
+
+    @staticmethod
+    def default_torch_threads(settings: ServiceSettings) -> int:
+        """CPU: the cores left after blending and one for the event loop (and encoders), at least 1."""
+        cores = os.cpu_count() or 2
+        return settings.torch_threads or max(1, cores - GenerationService.default_blend_threads(settings) - 1)
+
+    def _blend_threads(self) -> int:
+        return self.default_blend_threads(self.settings)
+
+    def _apply_threads(self) -> None:
+        if self.models.device.type == "cpu":
+            torch.set_num_threads(self.default_torch_threads(self.settings))
 
     def _run(self) -> None:
         blender = self._blender
@@ -423,6 +447,7 @@ class GenerationService:
         start = time.perf_counter()
         with self._model_lock:
             features, failed = self._features(batch)
+            encoded = time.perf_counter()
             good = [(s, p) for (s, p), f in zip(batch, features) if f is not None]
             faces = None
             if good:
@@ -430,6 +455,9 @@ class GenerationService:
                     states = [self._avatars[s.avatar_id] for s, _ in good]
                     feats = torch.stack([f for f in features if f is not None])
                     faces = self._faces(states, [p.item.position for _, p in good], feats)
+                    with self._cond:
+                        self._stage_s["features"] += encoded - start
+                        self._stage_s["model"] += time.perf_counter() - encoded
                 except Exception as exc:  # a model failure fails this batch's frames, not the service
                     logger.exception("MuseTalk batch of {} frames failed", len(good))
                     failed.update({s.id: str(exc) for s, _ in good})
@@ -510,6 +538,7 @@ class GenerationService:
         session = rows[0][0]
         if session.id not in self._sessions:
             return  # closed meanwhile
+        start = time.perf_counter()
         try:
             state = self._avatars[session.avatar_id]
             images = {}
@@ -522,6 +551,7 @@ class GenerationService:
             return
         with self._cond:
             self._counts["frames"] += len(images)
+            self._stage_s["blend"] += time.perf_counter() - start
         cost = self.frame_cost()
         self._post(session, FrameResult(session.id, images=images, frame_cost_s=cost, capacity=self.capacity()))
 
