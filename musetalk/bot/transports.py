@@ -79,9 +79,10 @@ class TransportSettings:
 def validate_room_url(url: str | None) -> str:
     """A Daily room URL, checked before anything starts: `https://<sub>.daily.co/<room>`.
 
-    A custom domain is accepted as `https://<host>/<room path>`. Returns the URL without
-    surrounding whitespace; raises `ConfigError` saying what is wrong otherwise. A query
-    string is refused: a token belongs in the token field, not in a URL that gets logged.
+    Every Daily room lives on a `<subdomain>.daily.co` host, so any other host is refused here
+    rather than after a ~20 s join attempt. Returns the URL without surrounding whitespace;
+    raises `ConfigError` saying what is wrong otherwise. A query string is refused: a token
+    belongs in the token field, not in a URL that gets logged.
     """
     if url is None or not isinstance(url, str) or not url.strip():
         raise ConfigError(f"A Daily room URL is required, e.g. {DAILY_URL_EXAMPLE}")
@@ -117,11 +118,15 @@ def validate_room_url(url: str | None) -> str:
         )
     if host == "daily.co":
         raise ConfigError(f"The Daily room URL needs your Daily subdomain, e.g. {DAILY_URL_EXAMPLE}")
-    if host.endswith(".daily.co"):
-        if len(labels) != 3:
-            raise ConfigError(f"The Daily room URL {url!r} should be https://<subdomain>.daily.co/<room>.")
-        if len(segments) != 1:
-            raise ConfigError(f"The Daily room URL {url!r} should have exactly one room name after the domain.")
+    if not host.endswith(".daily.co"):
+        raise ConfigError(
+            f"{host} is not a Daily host: a Daily room URL looks like {DAILY_URL_EXAMPLE} "
+            "(copy it from your Daily dashboard), or use the local page instead."
+        )
+    if len(labels) != 3:
+        raise ConfigError(f"The Daily room URL {url!r} should be https://<subdomain>.daily.co/<room>.")
+    if len(segments) != 1:
+        raise ConfigError(f"The Daily room URL {url!r} should have exactly one room name after the domain.")
     return url
 
 
@@ -210,105 +215,15 @@ class LocalWebRTCServer:
 
     # ------------------------------------------------------------------ app
     def _build_app(self):
-        from fastapi import FastAPI, HTTPException
-        from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
-        from pipecat.transports.smallwebrtc.request_handler import (
-            IceCandidate,
-            SmallWebRTCPatchRequest,
-            SmallWebRTCRequest,
-            SmallWebRTCRequestHandler,
-        )
+        """The page app. Its endpoints are module-level functions that find this server through
+        `app.state.page`: FastAPI caches facts about every endpoint callable in a module-level LRU,
+        so per-instance closures would keep each server (and through `on_connection` its bot and
+        avatar) alive for the life of the process."""
+        from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
         self._handler = SmallWebRTCRequestHandler()
-        app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
-
-        def page() -> FileResponse:
-            return FileResponse(
-                STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
-            )
-
-        @app.get("/", include_in_schema=False)
-        async def index():
-            return page()
-
-        @app.get("/client", include_in_schema=False)
-        async def client():
-            return page()
-
-        @app.get("/client/", include_in_schema=False)
-        async def client_slash():
-            return RedirectResponse(url="/client")
-
-        @app.get("/client.js", include_in_schema=False)
-        async def client_js():
-            return FileResponse(
-                STATIC_DIR / "client.js", media_type="text/javascript", headers={"Cache-Control": "no-store"}
-            )
-
-        @app.get("/api/status")
-        async def status():
-            return JSONResponse(self._status(), headers={"Cache-Control": "no-store"})
-
-        async def json_body(request: Request) -> dict[str, Any]:
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
-            if not isinstance(data, dict):
-                raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
-            return data
-
-        @app.post("/api/offer")
-        async def offer(request: Request):
-            data = await json_body(request)
-            if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
-                raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
-            try:
-                webrtc_request = SmallWebRTCRequest.from_dict(
-                    {
-                        k: data[k]
-                        for k in ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
-                        if k in data
-                    }
-                )
-                answer = await self._handler.handle_web_request(
-                    request=webrtc_request, webrtc_connection_callback=self._on_connection
-                )
-            except HTTPException:
-                raise
-            except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
-                logger.warning("Local page: refused a WebRTC offer: {}", exc)
-                raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
-            return answer
-
-        @app.patch("/api/offer")
-        async def ice_candidates(request: Request):
-            data = await json_body(request)
-            try:
-                patch = SmallWebRTCPatchRequest(
-                    pc_id=str(data["pc_id"]),
-                    candidates=[
-                        IceCandidate(
-                            candidate=c.get("candidate") or "",
-                            sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
-                            sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
-                        )
-                        for c in data.get("candidates", [])
-                    ],
-                )
-            except (KeyError, TypeError, AttributeError) as exc:
-                raise HTTPException(
-                    status_code=400,
-                    detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
-                ) from exc
-            try:
-                await self._handler.handle_patch_request(patch)
-            except HTTPException:
-                raise
-            except Exception as exc:
-                raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
-            return {"status": "success"}
-
+        app = _page_app()
+        app.state.page = self
         return app
 
     # ------------------------------------------------------------------ lifecycle
@@ -366,3 +281,123 @@ class LocalWebRTCServer:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        self.app.state.page = None  # a request still in flight finds "stopping", not this server
+
+
+# ---------------------------------------------------------------------- the local page's endpoints
+# Module-level on purpose (see LocalWebRTCServer._build_app): nothing here closes over a server.
+
+
+def _page_of(request: Request) -> LocalWebRTCServer:
+    from fastapi import HTTPException
+
+    page = getattr(request.app.state, "page", None)
+    if page is None:
+        raise HTTPException(status_code=503, detail="The bot is stopping.")
+    return page
+
+
+def _page_file(name: str, media_type: str):
+    from fastapi.responses import FileResponse
+
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+
+async def _index(request: Request):
+    return _page_file("index.html", "text/html")
+
+
+async def _client_slash(request: Request):
+    from fastapi.responses import RedirectResponse
+
+    return RedirectResponse(url="/client")
+
+
+async def _client_js(request: Request):
+    return _page_file("client.js", "text/javascript")
+
+
+async def _status(request: Request):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(_page_of(request)._status(), headers={"Cache-Control": "no-store"})
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    from fastapi import HTTPException
+
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
+    if not isinstance(data, dict):
+        raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
+    return data
+
+
+async def _offer(request: Request):
+    from fastapi import HTTPException
+    from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest
+
+    page = _page_of(request)
+    data = await _json_body(request)
+    if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
+        raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
+    keys = ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
+    try:
+        webrtc_request = SmallWebRTCRequest.from_dict({k: data[k] for k in keys if k in data})
+        return await page._handler.handle_web_request(
+            request=webrtc_request, webrtc_connection_callback=page._on_connection
+        )
+    except HTTPException:
+        raise
+    except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
+        logger.warning("Local page: refused a WebRTC offer: {}", exc)
+        raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
+
+
+async def _ice_candidates(request: Request):
+    from fastapi import HTTPException
+    from pipecat.transports.smallwebrtc.request_handler import IceCandidate, SmallWebRTCPatchRequest
+
+    page = _page_of(request)
+    data = await _json_body(request)
+    try:
+        patch = SmallWebRTCPatchRequest(
+            pc_id=str(data["pc_id"]),
+            candidates=[
+                IceCandidate(
+                    candidate=c.get("candidate") or "",
+                    sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
+                    sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
+                )
+                for c in data.get("candidates", [])
+            ],
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise HTTPException(
+            status_code=400,
+            detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
+        ) from exc
+    try:
+        await page._handler.handle_patch_request(patch)
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
+    return {"status": "success"}
+
+
+def _page_app():
+    """A new FastAPI app for one page server, wired to the module-level endpoints."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client", _index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client/", _client_slash, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client.js", _client_js, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/api/status", _status, methods=["GET"])
+    app.add_api_route("/api/offer", _offer, methods=["POST"])
+    app.add_api_route("/api/offer", _ice_candidates, methods=["PATCH"])
+    return app
