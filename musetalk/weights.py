@@ -395,15 +395,17 @@ def _fetch_hub(
 def _fetch_gdrive(
     models_dir: Path, spec: WeightFile, options: FetchOptions, report: Callable[[int, int | None], None]
 ) -> dict[str, Any]:
-    try:
-        import gdown
-    except ImportError as exc:
-        raise WeightsError("gdown is not installed: pip install -r requirements.txt") from exc
+    if importlib.util.find_spec("gdown") is None:
+        raise WeightsError("gdown is not installed: pip install -r requirements.txt")
     target = Path(models_dir) / spec.target
     target.parent.mkdir(parents=True, exist_ok=True)
     partial = target.with_name(f".{target.name}.gdrive.part")
     report(partial.stat().st_size if partial.is_file() else 0, spec.size)
-    result = gdown.download(id=spec.gdrive_id, output=str(partial), quiet=True, resume=True)
+    proc = subprocess.run(
+        [sys.executable, "-m", "gdown", spec.gdrive_id, "-O", str(partial), "--continue", "-q"],
+        capture_output=True, text=True, check=False, timeout=3600,
+    )  # fmt: skip
+    result = proc.returncode == 0
     if not result or not partial.is_file() or partial.stat().st_size == 0:
         raise WeightsError("Google Drive did not send the file (unreachable, or its daily quota is used up)")
     with partial.open("rb") as fh:
