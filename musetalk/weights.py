@@ -157,7 +157,7 @@ class FileStatus:
     def to_dict(self) -> dict[str, Any]:
         return {
             "file": self.spec.target, "part": self.spec.part, "required": self.spec.required,
-            "state": self.state, "size": self.size, "path": str(self.path), "detail": self.detail,
+            "state": self.state, "size": self.size, "found_at": str(self.path), "detail": self.detail,
             "source": self.spec.origin, "without": self.spec.without,
         }  # fmt: skip
 

@@ -9,8 +9,11 @@ What `huggingface_hub` 2.4 asks and what it gets here, as from the real hub:
 * `GET` on either address: the bytes, honouring `Range: bytes=N-` with 206 and `Content-Range`.
 * 404 with `X-Error-Code: EntryNotFound` for files it does not have.
 
-Faults for tests: `cut_once[path] = n` sends the full `Content-Length` but closes the
-connection after `n` bytes, once (a broken transfer); `requests` records every request.
+Faults for tests: `cut_once[key] = n` sends the full `Content-Length` but closes the
+connection after `n` bytes, once (a broken transfer); `slow[key] = seconds` spreads one
+file's transfer over that long (to watch a fetch in progress); `corrupt` holds files
+whose GET sends other bytes than the HEAD describes; `requests` records every
+request (method, path, Range header).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import re
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -33,6 +37,8 @@ class HubStandIn:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}  # "repo/filename" -> bytes
         self.cut_once: dict[str, int] = {}  # "repo/filename" -> bytes sent before the connection drops
+        self.corrupt: set[str] = set()  # keys whose GET sends other bytes of the same size
+        self.slow: dict[str, float] = {}  # "repo/filename" -> seconds one transfer takes
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
         self._lock = threading.Lock()
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
@@ -118,6 +124,8 @@ class HubStandIn:
                 if found is None:
                     return self._not_found()
                 key, data, _ = found
+                if key in hub.corrupt:
+                    data = bytes(reversed(data))
                 start = 0
                 match = re.fullmatch(r"bytes=(\d+)-", self.headers.get("Range") or "")
                 if match and int(match.group(1)) < len(data):
@@ -138,6 +146,11 @@ class HubStandIn:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
-                self.wfile.write(body)
+                pause = hub.slow.get(key, 0.0) / 20
+                for i in range(20 if pause else 1):
+                    piece = body[i * -(-len(body) // 20) : (i + 1) * -(-len(body) // 20)] if pause else body
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                    time.sleep(pause)
 
         return Handler

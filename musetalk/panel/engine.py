@@ -172,6 +172,7 @@ class Engine:
         if not self._fetch_lock.acquire(blocking=False):
             raise MuseTalkError("Weights are being fetched already: watch the banner, it says when they are ready.")
         try:
+            self._wait_busy()  # a load in progress ends first: its result decides what is reloaded
             with self._cond:
                 previous = self._state
                 self._state, self._fetch_progress, self._fetch_errors = "fetching", None, []
