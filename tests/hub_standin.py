@@ -12,7 +12,8 @@ What `huggingface_hub` 2.4 asks and what it gets here, as from the real hub:
 Faults for tests: `cut_once[key] = n` sends the full `Content-Length` but closes the
 connection after `n` bytes, once (a broken transfer); `slow[key] = seconds` spreads one
 file's transfer over that long (to watch a fetch in progress); `corrupt` holds files
-whose GET sends other bytes than the HEAD describes; `requests` records every
+whose GET sends other bytes than the HEAD describes; `hold[key]` (an Event) stops a transfer
+halfway until the test sets it; `requests` records every
 request (method, path, Range header).
 """
 
@@ -37,6 +38,7 @@ class HubStandIn:
     def __init__(self) -> None:
         self.files: dict[str, bytes] = {}  # "repo/filename" -> bytes
         self.cut_once: dict[str, int] = {}  # "repo/filename" -> bytes sent before the connection drops
+        self.hold: dict[str, threading.Event] = {}  # keys whose GET sends half, then waits for the event
         self.corrupt: set[str] = set()  # keys whose GET sends other bytes of the same size
         self.slow: dict[str, float] = {}  # "repo/filename" -> seconds one transfer takes
         self.requests: list[tuple[str, str, str | None]] = []  # (method, path, Range header)
@@ -146,6 +148,12 @@ class HubStandIn:
                     self.close_connection = True
                     self.connection.shutdown(2)
                     return
+                gate = hub.hold.get(key)
+                if gate is not None:
+                    self.wfile.write(body[: len(body) // 2])
+                    self.wfile.flush()
+                    gate.wait(120)
+                    body = body[len(body) // 2 :]
                 pause = hub.slow.get(key, 0.0) / 20
                 for i in range(20 if pause else 1):
                     piece = body[i * -(-len(body) // 20) : (i + 1) * -(-len(body) // 20)] if pause else body
