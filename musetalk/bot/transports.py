@@ -73,7 +73,7 @@ def parse_ice_servers(text: str | None) -> tuple[IceServerSpec, ...]:
         try:
             items = json.loads(text)
             servers = [_ice_from_dict(item) for item in items]
-        except (ValueError, TypeError, AttributeError) as exc:
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
             raise ConfigError(
                 f"ICE servers: not a JSON list of {{urls, username, credential}} objects ({exc})."
             ) from exc
