@@ -407,7 +407,11 @@ def _fetch_gdrive(
     )  # fmt: skip
     result = proc.returncode == 0
     if not result or not partial.is_file() or partial.stat().st_size == 0:
-        raise WeightsError("Google Drive did not send the file (unreachable, or its daily quota is used up)")
+        said = " ".join(proc.stderr.split())
+        said = said[said.find("Failed") :] if "Failed" in said else said  # gdown's reason, without its banner
+        raise WeightsError(
+            f"Google Drive did not send the file (unreachable, or its daily quota is used up): {said[:160]}"
+        )
     with partial.open("rb") as fh:
         if fh.read(1) == b"<":  # an HTML page (quota or consent) instead of the weights
             partial.unlink()
