@@ -206,7 +206,7 @@ def _partial_note(target: Path) -> str:
     partials = sorted(target.parent.glob(f".{target.name}.*.part")) if target.parent.is_dir() else []
     if not partials:
         return ""
-    return f"partial download of {format_bytes(partials[0].stat().st_size)} kept (fetch resumes it)"
+    return f"partial download: {format_bytes(partials[0].stat().st_size)} so far (a fetch resumes it)"
 
 
 def check_file(models_dir: Path, spec: WeightFile, record: dict[str, Any], *, verify: bool = False) -> FileStatus:

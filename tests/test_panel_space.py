@@ -142,6 +142,7 @@ def test_fetch_weights_button_repairs_damaged_and_missing_files(space):
         )
         assert _wait_js(page, "document.body.innerText.includes('Models ready')", timeout=120)
         assert _wait_js(page, f"!{table}.includes('damaged') && !{table}.includes('missing')")
+        assert _wait_js(page, "document.body.innerText.includes('ready: cpu')", timeout=60)
         _screenshot(page, ARTIFACTS / "panel-system-weights-after.png")
     info = space.client.predict(api_name="/system_info")
     states = {f["file"]: f["state"] for f in info["weight_files"]}

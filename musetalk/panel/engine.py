@@ -117,6 +117,13 @@ class Engine:
         else:
             logger.info("Models ready ({})", models.describe())
 
+    def wait_settled(self, timeout: float | None = None) -> None:
+        """Return once no fetch or load is running (or after `timeout` seconds)."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        with self._cond:
+            while self._state in ("loading", "fetching", "idle") and (deadline is None or time.monotonic() < deadline):
+                self._cond.wait(None if deadline is None else max(0.0, deadline - time.monotonic()))
+
     def _wait_busy(self) -> None:
         with self._cond:
             while self._state in ("loading", "fetching"):

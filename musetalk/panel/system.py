@@ -71,6 +71,11 @@ class SystemActions:
         table = pd.DataFrame(weight_rows(info["weight_files"]), columns=WEIGHT_COLUMNS)
         return system_markdown(info), table
 
+    def view_when_settled(self) -> tuple[str, pd.DataFrame, str]:
+        """The tab and the banner once the models have loaded (or failed to) after a fetch."""
+        self.engine.wait_settled(timeout=600)
+        return (*self.view(), self.banner())
+
     def banner(self) -> str:
         return models_banner(self.engine)
 
@@ -103,6 +108,9 @@ def wire(actions: SystemActions, c: SimpleNamespace, banner: gr.Markdown) -> Non
         api_name="fetch_weights", concurrency_id="fetch_weights", concurrency_limit=1, show_progress_on=c.fetch_note,
     ).then(actions.view, None, view_out, api_visibility="private").then(
         actions.banner, None, banner, api_visibility="private"
+    ).then(
+        actions.view_when_settled, None, [*view_out, banner], api_visibility="private", concurrency_limit=None,
+        show_progress="hidden",
     )  # fmt: skip
     c.load_btn.click(
         actions.load_models_now, None, c.load_note, api_name="load_models", concurrency_id="load_models"
