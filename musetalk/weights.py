@@ -553,7 +553,11 @@ def main(argv: list[str] | None = None) -> int:
                 shown[0] = key
                 print(p.describe(), flush=True)
 
-        report = fetch(models_dir, options=options, progress=show)
+        try:
+            report = fetch(models_dir, options=options, progress=show)
+        except KeyboardInterrupt:
+            print("interrupted: run the fetch again to resume where it stopped", flush=True)
+            return 130
         for line in report.errors:
             print(line, flush=True)
         statuses = report.statuses

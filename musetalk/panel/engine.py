@@ -19,6 +19,7 @@ from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -352,14 +353,16 @@ def _weight_parts(statuses: list[weights.FileStatus]) -> list[dict[str, Any]]:
     return list(parts.values())
 
 
-_PART_LABELS = {
-    "musetalkV15": "MuseTalk v1.5 UNet",
-    "sd-vae": "SD VAE (ft-mse)",
-    "whisper": "Whisper tiny (audio features)",
-    "face-landmarks": "Face detector + landmarks",
-    "face-parse-bisent": "BiSeNet face parsing (optional: jaw mask)",
-    "dwpose": "DWPose landmarks (optional)",
-}
+_PART_LABELS = MappingProxyType(
+    {
+        "musetalkV15": "MuseTalk v1.5 UNet",
+        "sd-vae": "SD VAE (ft-mse)",
+        "whisper": "Whisper tiny (audio features)",
+        "face-landmarks": "Face detector + landmarks",
+        "face-parse-bisent": "BiSeNet face parsing (optional: jaw mask)",
+        "dwpose": "DWPose landmarks (optional)",
+    }
+)
 
 
 def _device_text(runtime: RuntimeSettings) -> str:

@@ -68,7 +68,7 @@ class SystemActions:
 
     def view(self) -> tuple[str, pd.DataFrame]:
         info = self.engine.system_info()
-        table = pd.DataFrame(weight_rows(info["weight_files"]), columns=WEIGHT_COLUMNS)
+        table = pd.DataFrame(weight_rows(info["weight_files"]), columns=list(WEIGHT_COLUMNS))
         return system_markdown(info), table
 
     def view_when_settled(self) -> tuple[str, pd.DataFrame, str]:
@@ -85,7 +85,7 @@ def build() -> SimpleNamespace:
     with gr.Tab("System", id="system") as tab:
         system_md = gr.Markdown()
         weights_table = gr.Dataframe(
-            headers=WEIGHT_COLUMNS, label="Weight files", interactive=False, wrap=True, elem_id="weights-table"
+            headers=list(WEIGHT_COLUMNS), label="Weight files", interactive=False, wrap=True, elem_id="weights-table"
         )
         with gr.Row():
             system_btn = gr.Button("Refresh", elem_id="system-refresh-btn")

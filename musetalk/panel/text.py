@@ -26,7 +26,7 @@ SPEECH_MODE_HELP = (
     "is configured in this panel: use Mirror mode here (the avatar lip-syncs whoever speaks in the "
     "room or on the local page)."
 )
-WEIGHT_COLUMNS = ["file", "part", "kind", "state", "size", "note"]
+WEIGHT_COLUMNS = ("file", "part", "kind", "state", "size", "note")
 
 
 def format_duration(seconds: float) -> str:
