@@ -45,6 +45,68 @@ _ROOM_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
+class IceServerSpec:
+    """A STUN or TURN server for the local page's WebRTC connections (the browser's RTCIceServer)."""
+
+    urls: tuple[str, ...]
+    username: str | None = field(default=None, repr=False)
+    credential: str | None = field(default=None, repr=False)
+
+    def to_browser(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"urls": list(self.urls)}
+        if self.username is not None:
+            data.update(username=self.username, credential=self.credential or "")
+        return data
+
+
+def parse_ice_servers(text: str | None) -> tuple[IceServerSpec, ...]:
+    """ICE servers from `--ice-servers` / `MUSETALK_ICE_SERVERS`.
+
+    Either a JSON list of RTCIceServer objects (`[{"urls": "turn:host:3478", "username": "u",
+    "credential": "p"}]`) or URLs separated by spaces or commas, TURN credentials written as
+    `user:secret@turn:host:3478`. Empty: no ICE servers (host candidates only).
+    """
+    text = (text or "").strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+            servers = [_ice_from_dict(item) for item in items]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ConfigError(
+                f"ICE servers: not a JSON list of {{urls, username, credential}} objects ({exc})."
+            ) from exc
+    else:
+        servers = [_ice_from_text(item) for item in re.split(r"[\s,]+", text) if item]
+    return tuple(servers)
+
+
+def _ice_from_dict(item: dict[str, Any]) -> IceServerSpec:
+    urls = item["urls"] if isinstance(item["urls"], list) else [item["urls"]]
+    return _checked_ice(IceServerSpec(tuple(str(u) for u in urls), item.get("username"), item.get("credential")))
+
+
+def _ice_from_text(item: str) -> IceServerSpec:
+    match = re.fullmatch(r"(?:(?P<user>[^:@]+):(?P<secret>.*)@)?(?P<url>(?:stun|stuns|turn|turns):.+)", item)
+    if match is None:
+        raise ConfigError(
+            f"ICE server {item.split('@')[-1]!r} is not a stun:, turn: or turns: URL "
+            "(e.g. stun:stun.example.com:3478 or user:secret@turn:turn.example.com:3478)."
+        )
+    return _checked_ice(IceServerSpec((match["url"],), match["user"], match["secret"]))
+
+
+def _checked_ice(server: IceServerSpec) -> IceServerSpec:
+    for url in server.urls:
+        if not re.fullmatch(r"(stun|stuns|turn|turns):[^\s@]+", url):
+            raise ConfigError(f"ICE server {url!r} is not a stun:, turn: or turns: URL.")
+        if url.startswith("turn") and not server.username:
+            raise ConfigError(f"The TURN server {url} needs a user name and credential (user:secret@{url}).")
+    return server
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     """Where the bot goes: `local` (a page on host:port) or `daily` (a Daily room).
 
@@ -58,6 +120,7 @@ class TransportSettings:
     bot_name: str = "MuseTalk avatar"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    ice_servers: tuple[IceServerSpec, ...] = field(default=(), repr=False)  # local page: STUN/TURN behind NAT
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSPORT_KINDS:
@@ -219,9 +282,14 @@ class LocalWebRTCServer:
         `app.state.page`: FastAPI caches facts about every endpoint callable in a module-level LRU,
         so per-instance closures would keep each server (and through `on_connection` its bot and
         avatar) alive for the life of the process."""
+        from pipecat.transports.smallwebrtc.connection import IceServer
         from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
-        self._handler = SmallWebRTCRequestHandler()
+        ice = [
+            IceServer(urls=list(i.urls), username=i.username, credential=i.credential)
+            for i in self.settings.ice_servers
+        ]
+        self._handler = SmallWebRTCRequestHandler(ice_servers=ice or None)
         app = _page_app()
         app.state.page = self
         return app
@@ -317,6 +385,14 @@ async def _client_js(request: Request):
     return _page_file("client.js", "text/javascript")
 
 
+async def _ice_servers(request: Request):
+    """The page's RTCPeerConnection uses the same STUN/TURN servers as the bot."""
+    from fastapi.responses import JSONResponse
+
+    servers = [i.to_browser() for i in _page_of(request).settings.ice_servers]
+    return JSONResponse({"iceServers": servers}, headers={"Cache-Control": "no-store"})
+
+
 async def _status(request: Request):
     from fastapi.responses import JSONResponse
 
@@ -397,6 +473,7 @@ def _page_app():
     app.add_api_route("/client", _index, methods=["GET"], include_in_schema=False)
     app.add_api_route("/client/", _client_slash, methods=["GET"], include_in_schema=False)
     app.add_api_route("/client.js", _client_js, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/api/ice-servers", _ice_servers, methods=["GET"])
     app.add_api_route("/api/status", _status, methods=["GET"])
     app.add_api_route("/api/offer", _offer, methods=["POST"])
     app.add_api_route("/api/offer", _ice_candidates, methods=["PATCH"])
