@@ -2,9 +2,11 @@
 
 Bounds (asserted on counts of live objects and a generous RSS margin, never on speed):
 100 local start/stop cycles (every 10th with a viewer pipeline) leave at most one `Avatar`,
-one `LocalWebRTCServer` and one `MuseTalkProcessor` alive, RSS within 60 MB of the value
-after 10 warm-up cycles (it grew ~20-60 MB per cycle before the page endpoints stopped closing
-over the run), and no extra threads, file descriptors or listening ports.
+one `LocalWebRTCServer` and one `MuseTalkProcessor` alive, and no extra threads, file
+descriptors or listening ports. RSS is held to a generous 250 MB over the 90 cycles after
+warm-up: the leak this guards against kept every run's avatar (~61 MB a cycle, 5.5 GB here);
+measured now, plain cycles add ~0.1 MB each and a viewer cycle a few MB of native allocator
+memory that no Python object holds.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from musetalk.bot.transports import LocalWebRTCServer, TransportSettings
 
 CYCLES = 100
 WARM_UP = 10
-RSS_BOUND_MB = 60
+RSS_BOUND_MB = 250
 UNREACHABLE_ROOM = "https://nonexistent-musetalk-test.daily.co/reliability"
 # Stop answers within its grace period; this only catches a hang (it used to take 10-19 s).
 STOP_HANG_S = STOP_GRACE_S + 4.0
