@@ -449,6 +449,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
     if find_chromium() is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
+    (panel.avatars / "wreck" / "frames").mkdir(parents=True)  # no manifest: listed as damaged
     with Chromium() as browser:
         page = browser.new_page(panel.url)
         page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
@@ -466,8 +467,10 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
             )
             text = page.evaluate("document.body.innerText")
             assert missing, f"{tab}: missing {[label for label in labels if label not in text]}"
-            if tab == "Avatars":  # the prepared avatar is in the library, with its manifest
+            if tab == "Avatars":  # the prepared avatar is in the library, with its manifest; the damaged one with why
                 assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
+                assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
+                assert "manifest.json is missing" in page.evaluate("document.body.innerText")
             _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
@@ -497,6 +500,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         name_field = "document.querySelector('textarea[placeholder^=\"e.g.\"]').value"
         assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
         _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
+    assert panel.client.predict("wreck", api_name="/delete_avatar") == "Deleted avatar 'wreck'."
 
 
 # --------------------------------------------------------------------------- command line
