@@ -269,13 +269,18 @@ class AvatarActions:
     def avatar_dropdown(self, label: str, **kwargs: Any) -> gr.Dropdown:
         # Custom values are allowed so API callers can name avatars prepared after the page was built;
         # the actions check the name and say which avatars exist.
-        names = self.store.names()
+        names = self.usable_names()
         return gr.Dropdown(
             label=label, choices=names, value=names[0] if names else None, allow_custom_value=True, **kwargs
         )
 
+    def usable_names(self) -> list[str]:
+        """Avatars a bot or a render can use (damaged ones are only in the library)."""
+        damaged = {d.name for d in self.store.damaged()}
+        return [name for name in self.store.names() if name not in damaged]
+
     def avatar_choices(self, selected: str | None = None, fallback_first: bool = True):
-        names = self.store.names()
+        names = self.usable_names()
         value = selected if selected in names else (names[0] if names and fallback_first else None)
         return gr.Dropdown(choices=names, value=value)
 

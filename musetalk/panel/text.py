@@ -89,8 +89,10 @@ def manifest_markdown(m: dict[str, Any]) -> str:
 
 def delete_question(name: str, source: Path | None, *, damaged: bool = False) -> str:
     """The delete confirmation: what goes, including the kept copy of the source video."""
-    what = f"the damaged avatar **{name}**" if damaged else f"avatar **{name}**"
-    text = f"Delete {what} for good? Its frames, masks and latents are removed"
+    if damaged:
+        text = f"Delete the damaged avatar **{name}** for good? Its folder and everything in it are removed"
+    else:
+        text = f"Delete avatar **{name}** for good? Its frames, masks and latents are removed"
     if source is None:
         return text + "."
     return (
@@ -103,7 +105,8 @@ def damaged_markdown(entries: list[dict[str, Any]]) -> str:
     """Damaged avatars in the library: why, and what to do (delete, prepare again from the kept video)."""
     lines = [f"**{len(entries)} damaged avatar{'s' if len(entries) > 1 else ''}** (cannot be used):", ""]
     for d in entries:
-        line = f"- `{d['name']}`: {html.escape(d['reason'])}"
+        reason = d["reason"].strip()
+        line = f"- `{d['name']}`: {html.escape(reason)}" + ("" if reason.endswith(".") else ".")
         if d.get("kept_source"):
             line += f" Its source video is kept at `{d['kept_source']}`."
         lines.append(line)
