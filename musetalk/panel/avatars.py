@@ -1,5 +1,8 @@
 """The Avatars tab: preview a video, prepare an avatar, and the library (rename, re-prepare, delete).
 
+An avatar the live bot uses cannot be deleted, renamed or prepared again until the bot stops;
+damaged avatars (unreadable manifest) are listed with why, and can be deleted.
+
 API names: `preview`, `prepare`, `cancel_prepare`, `reprepare_avatar`, `list_avatars`,
 `rename_avatar`, `delete_avatar`.
 """
@@ -23,7 +26,15 @@ from musetalk.errors import AvatarError, MediaError, MuseTalkError
 from musetalk.models import Models
 from musetalk.panel.boundary import PROGRESS, message, operator_errors
 from musetalk.panel.engine import Engine
-from musetalk.panel.text import manifest_dict, manifest_markdown, prepare_settings, suggest_name, video_path
+from musetalk.panel.text import (
+    damaged_markdown,
+    delete_question,
+    manifest_dict,
+    manifest_markdown,
+    prepare_settings,
+    suggest_name,
+    video_path,
+)
 from musetalk.weights import format_bytes
 
 
@@ -124,20 +135,29 @@ class AvatarActions:
         if self.store.exists(name) and not replace:
             raise AvatarError(f"An avatar named {name!r} already exists: tick 'Replace' or pick another name.")
         settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
-        return self._run_preparation(path, name, settings, progress)
+        return self._run_preparation(
+            path, name, settings, progress, "replace" if self.store.exists(name) else "prepare"
+        )
 
-    def _run_preparation(self, path: Path, name: str, settings: PrepareSettings, progress: gr.Progress) -> dict:
+    def _run_preparation(
+        self, path: Path, name: str, settings: PrepareSettings, progress: gr.Progress, action: str
+    ) -> dict:
         models = self.wait_models(progress)
-        cancel = self.engine.new_cancel()
-        kept = self.engine.keep_source(path, name)
+        self.engine.begin_preparing(name, action)  # refused while the bot uses this avatar
         try:
-            manifest = prepare_avatar(
-                models, self.store, kept, name, settings, progress=lambda f, msg: progress(f, desc=msg), cancel=cancel
-            )
-        except PreparationCancelled as exc:
-            raise gr.Error(message(str(exc)), title="Cancelled", print_exception=False) from None
+            cancel = self.engine.new_cancel()
+            kept = self.engine.keep_source(path, name)
+            try:
+                manifest = prepare_avatar(
+                    models, self.store, kept, name, settings,
+                    progress=lambda f, msg: progress(f, desc=msg), cancel=cancel,
+                )  # fmt: skip
+            except PreparationCancelled as exc:
+                raise gr.Error(message(str(exc)), title="Cancelled", print_exception=False) from None
+            finally:
+                self.engine.release_source(kept)
         finally:
-            self.engine.release_source(kept)
+            self.engine.end_preparing(name)
         gr.Info(f"Avatar {name!r} is ready: {manifest.frame_count} frames.")
         return manifest_dict(manifest)
 
@@ -162,7 +182,7 @@ class AvatarActions:
         video: str | None = None,
         progress=PROGRESS,
     ) -> dict:
-        """Prepare an existing avatar again with new settings, from its kept source video.
+        """Prepare an existing avatar again with new settings, from its kept source video (refused while the bot uses it).
 
         Args:
             name: the avatar to re-prepare
@@ -176,6 +196,7 @@ class AvatarActions:
         """
         if not name:
             raise AvatarError("Pick an avatar in the library first.")
+        self.engine.refuse_if_in_use(name, "re-prepare")
         manifest = self.store.manifest(name)
         source = Path(manifest.source_video) if manifest.source_video else None
         if source is None or not source.is_file():
@@ -186,15 +207,26 @@ class AvatarActions:
                 )
             source = Path(video)
         settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
-        return self._run_preparation(source, name, settings, progress)
+        return self._run_preparation(source, name, settings, progress, "re-prepare")
 
     def list_avatars(self) -> list[dict]:
-        """Every prepared avatar with its manifest (frames, fps, size, parameters, disk size, created, source video).
+        """Every avatar: prepared ones with their manifest, damaged ones (unreadable manifest) with why.
 
         Returns:
-            a list of manifests (JSON), sorted by name
+            a list sorted by name; each entry has `name`, `damaged` and `reason` (why it is damaged, else
+            null); a prepared avatar also has its manifest (frames, fps, size, parameters, disk size,
+            created, source video); a damaged one has `kept_source` (its kept source video, or null)
         """
-        return [manifest_dict(m) for m in self.store.list()]
+        entries = [{**manifest_dict(m), "damaged": False, "reason": None} for m in self.store.list()]
+        for d in self.store.damaged():
+            kept = self.engine.kept_source(d.name)
+            entries.append({"name": d.name, "damaged": True, "reason": d.reason, "kept_source": kept and str(kept)})
+        return sorted(entries, key=lambda e: e["name"])
+
+    def _refuse_if_damaged(self, name: str, action: str) -> None:
+        for d in self.store.damaged():
+            if d.name == name:
+                raise AvatarError(f"Cannot {action} avatar {name!r}, it is damaged: {d.reason}")
 
     @operator_errors
     def rename_avatar(self, name: str, new_name: str) -> str:
@@ -209,42 +241,54 @@ class AvatarActions:
         if not name:
             raise AvatarError("Pick an avatar in the library first.")
         new_name = validate_name((new_name or "").strip())
+        self.engine.refuse_if_in_use(name, "rename")
+        self._refuse_if_damaged(name, "rename")
         self.store.rename(name, new_name)
         gr.Info(f"Renamed {name!r} to {new_name!r}.")
         return new_name
 
     @operator_errors
     def delete_avatar(self, name: str) -> str:
-        """Delete an avatar for good (its frames, masks and latents).
+        """Delete an avatar for good (its frames, masks and latents), damaged ones too; refused while the bot uses it.
+
+        The copy of its source video kept for re-preparing is deleted with it (unless another avatar
+        uses the same copy); the confirmation names the file.
 
         Args:
             name: the avatar to delete
         Returns:
-            a confirmation
+            a confirmation (what was deleted)
         """
         if not name:
             raise AvatarError("Pick an avatar in the library first.")
-        self.store.delete(name)
-        self.engine.prune_sources()
-        gr.Info(f"Deleted avatar {name!r}.")
-        return f"Deleted {name}."
+        source = self.engine.delete_avatar(name)
+        done = f"Deleted avatar {name!r}" + (f" and its kept source video {source.name}." if source else ".")
+        gr.Info(done)
+        return done
 
     def avatar_dropdown(self, label: str, **kwargs: Any) -> gr.Dropdown:
         # Custom values are allowed so API callers can name avatars prepared after the page was built;
         # the actions check the name and say which avatars exist.
-        names = self.store.names()
+        names = self.usable_names()
         return gr.Dropdown(
             label=label, choices=names, value=names[0] if names else None, allow_custom_value=True, **kwargs
         )
 
+    def usable_names(self) -> list[str]:
+        """Avatars a bot or a render can use (damaged ones are only in the library)."""
+        damaged = {d.name for d in self.store.damaged()}
+        return [name for name in self.store.names() if name not in damaged]
+
     def avatar_choices(self, selected: str | None = None, fallback_first: bool = True):
-        names = self.store.names()
+        names = self.usable_names()
         value = selected if selected in names else (names[0] if names and fallback_first else None)
         return gr.Dropdown(choices=names, value=value)
 
     def refresh_library(self, selected: str | None):
-        manifests = self.list_avatars()
-        names = [m["name"] for m in manifests]
+        entries = self.list_avatars()
+        manifests = [m for m in entries if not m["damaged"]]
+        damaged = [m for m in entries if m["damaged"]]
+        names = [m["name"] for m in entries]
         gallery = []
         for m in manifests:
             thumb = self.store.thumbnail(m["name"])
@@ -255,6 +299,7 @@ class AvatarActions:
             [
                 {
                     "name": m["name"],
+                    "state": "ready",
                     "frames": m["frame_count"],
                     "seconds": m["seconds"],
                     "size": f"{m['frame_size'][0]}×{m['frame_size'][1]}",
@@ -264,21 +309,22 @@ class AvatarActions:
                     "created": m["created"],
                 }
                 for m in manifests
-            ],
-            columns=["name", "frames", "seconds", "size", "bbox_shift", "mask", "disk", "created"],
-        )
+            ]
+            + [{"name": d["name"], "state": f"DAMAGED: {d['reason']}"} for d in damaged],
+            columns=["name", "state", "frames", "seconds", "size", "bbox_shift", "mask", "disk", "created"],
+        ).sort_values("name", ignore_index=True)
         value = selected if selected in names else (names[0] if names else None)
-        empty = "No avatars yet: upload a video above, check the preview, then press **Prepare**."
-        return (
-            gallery,
-            table,
-            gr.Dropdown(choices=names, value=value),
-            empty if not names else "",
-        )
+        note = damaged_markdown(damaged) if damaged else ""
+        if not names:
+            note = "No avatars yet: upload a video above, check the preview, then press **Prepare**."
+        return gallery, table, gr.Dropdown(choices=names, value=value), note
 
     def show_avatar(self, name: str | None):
         if not name:
             return "", None, gr.Row(visible=False)
+        damaged = [d for d in self.list_avatars() if d["damaged"] and d["name"] == name]
+        if damaged:
+            return damaged_markdown(damaged), damaged[0], gr.Row(visible=False)
         try:
             data = manifest_dict(self.store.manifest(name))
         except MuseTalkError as exc:
@@ -308,10 +354,15 @@ class AvatarActions:
             prep.get("cheek_width", 90),
         )
 
+    @operator_errors
     def confirm_delete(self, name: str | None):
         if not name:
-            raise gr.Error("Pick an avatar in the library first.", print_exception=False)
-        return gr.Row(visible=True), f"Delete avatar **{name}** for good? Its frames, masks and latents are removed."
+            raise AvatarError("Pick an avatar in the library first.")
+        self.engine.refuse_if_in_use(name, "delete")
+        damaged = any(d.name == name for d in self.store.damaged())
+        if not damaged and not self.store.exists(name):
+            raise AvatarError(f"No avatar named {name!r}: press Refresh.")
+        return gr.Row(visible=True), delete_question(name, self.engine.source_deleted_with(name), damaged=damaged)
 
 
 def build(actions: AvatarActions) -> SimpleNamespace:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import importlib.metadata
 import platform
+import re
 import shutil
 import tempfile
 import threading
@@ -32,12 +33,14 @@ from musetalk.avatar.store import AvatarStore
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import IceServerSpec
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
-from musetalk.errors import ConfigError, MuseTalkError
+from musetalk.errors import AvatarError, ConfigError, MuseTalkError
 from musetalk.models import Models, check_weights, load_models, resolve_runtime
 
 HISTORY_SECONDS = 300  # the live plots show the last 5 minutes
 SOURCES_DIR = ".sources"  # inside the avatars folder: kept copies of uploaded videos (re-prepare)
+_KEPT_STAMP = "%Y%m%d-%H%M%S"  # a kept copy is named <avatar>-<stamp><suffix>
 STATUS_EVERY_S = 1.0
+CLOSING_WAIT_S = 5.0  # at exit, how long a stopped bot may still take to leave its Daily room
 MODEL_STATES = ("idle", "fetching", "loading", "ready", "error")
 
 
@@ -76,6 +79,7 @@ class Engine:
         self._runner: BotRunner | None = None
         self._cancel: threading.Event | None = None
         self._active_sources: set[Path] = set()
+        self._preparing: set[str] = set()  # avatars being prepared (again): the bot may not start them
         self._history: deque[tuple[float, float | None, float | None]] = deque(
             maxlen=int(HISTORY_SECONDS / STATUS_EVERY_S)
         )
@@ -262,6 +266,10 @@ class Engine:
         runner = self.existing_runner()
         if runner is not None:
             runner.stop()
+            if not runner.join_closing(CLOSING_WAIT_S):
+                logger.warning(
+                    "A stopped bot was still closing its connection after {} s; exiting anyway", CLOSING_WAIT_S
+                )
         shutil.rmtree(self.render_dir, ignore_errors=True)
 
     def new_render_path(self, avatar: str) -> Path:
@@ -271,6 +279,75 @@ class Engine:
             if old.stat().st_mtime < cutoff:
                 old.unlink(missing_ok=True)
         return self.render_dir / f"{avatar}-{time.strftime('%Y%m%d-%H%M%S')}.mp4"
+
+    # ---------------------------------------------------------------- library guards
+    def avatar_in_use(self, name: str) -> str | None:
+        """A sentence naming the bot that uses avatar `name` (starting, running or stopping), or None."""
+        runner = self.existing_runner()
+        return runner.avatar_in_use(name) if runner is not None else None
+
+    def refuse_if_in_use(self, name: str, action: str) -> None:
+        """Deleting, renaming or preparing again an avatar a bot uses would pull it from under the bot."""
+        reason = self.avatar_in_use(name)
+        if reason:
+            raise AvatarError(
+                f"Cannot {action} avatar {name!r}: {reason}. Stop the bot first (Live tab, Stop), then {action} it."
+            )
+
+    def begin_preparing(self, name: str, action: str) -> None:
+        """Mark `name` as being prepared; refused while a bot uses it. Pair with `end_preparing`."""
+        with self._cond:
+            self.refuse_if_in_use(name, action)
+            self._preparing.add(name)
+
+    def end_preparing(self, name: str) -> None:
+        with self._cond:
+            self._preparing.discard(name)
+
+    def refuse_if_preparing(self, name: str) -> None:
+        """The bot may not start an avatar whose folder a preparation is about to replace."""
+        with self._cond:
+            busy = name in self._preparing
+        if busy:
+            raise AvatarError(
+                f"Avatar {name!r} is being prepared right now: start the bot once the preparation ends "
+                "(or cancel it in the Avatars tab)."
+            )
+
+    def delete_avatar(self, name: str) -> Path | None:
+        """Delete an avatar (readable or damaged) unless a bot uses it; the copy of its source video
+        kept for re-preparing goes too when no other avatar uses it. Returns that copy's path if removed."""
+        self.refuse_if_in_use(name, "delete")
+        source = self.kept_source(name)
+        self.store.delete(name)
+        self.prune_sources()
+        return source if source is not None and not source.exists() else None
+
+    def kept_source(self, name: str) -> Path | None:
+        """The copy of the avatar's source video kept beside the avatars (None when there is none)."""
+        try:
+            recorded = self.store.manifest(name).source_video
+        except AvatarError:  # damaged: find the copy by the name it was kept under
+            matches = sorted(p for p in self._source_files() if _kept_under(name).fullmatch(p.name))
+            return matches[-1] if matches else None
+        if not recorded:
+            return None
+        path = Path(recorded)
+        inside = path.resolve().parent == self.sources_dir.resolve()
+        return path if inside and path.is_file() else None
+
+    def source_deleted_with(self, name: str) -> Path | None:
+        """The kept source video that deleting `name` would remove (None: none, or another avatar uses it)."""
+        source = self.kept_source(name)
+        if source is None:
+            return None
+        others = {Path(m.source_video).resolve() for m in self.store.list() if m.name != name and m.source_video}
+        return None if source.resolve() in others else source
+
+    def _source_files(self) -> list[Path]:
+        if not self.sources_dir.is_dir():
+            return []
+        return [p for p in self.sources_dir.iterdir() if p.is_file()]
 
     # ---------------------------------------------------------------- preparation
     def new_cancel(self) -> threading.Event:
@@ -291,7 +368,7 @@ class Engine:
             kept = video
         else:
             self.sources_dir.mkdir(parents=True, exist_ok=True)
-            kept = self.sources_dir / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}{video.suffix.lower() or '.mp4'}"
+            kept = self.sources_dir / f"{name}-{time.strftime(_KEPT_STAMP)}{video.suffix.lower() or '.mp4'}"
             shutil.copyfile(video, kept)
         with self._cond:
             self._active_sources.add(kept.resolve())
@@ -303,14 +380,17 @@ class Engine:
         self.prune_sources()
 
     def prune_sources(self) -> None:
-        """Delete kept videos that no avatar refers to any more (and no preparation is using)."""
-        if not self.sources_dir.is_dir():
-            return
+        """Delete kept videos that no avatar refers to any more (and no preparation is using).
+
+        A damaged avatar's copy is kept (found by the name it was kept under): its manifest cannot
+        say which it is, and the video is what preparing it again needs. Deleting the avatar frees it.
+        """
         used = {Path(m.source_video).resolve() for m in self.store.list()}
+        damaged = [_kept_under(d.name) for d in self.store.damaged()]
         with self._cond:
             used |= self._active_sources
-        for path in self.sources_dir.iterdir():
-            if path.is_file() and path.resolve() not in used:
+        for path in self._source_files():
+            if path.resolve() not in used and not any(pattern.fullmatch(path.name) for pattern in damaged):
                 path.unlink(missing_ok=True)
 
     # ---------------------------------------------------------------- system facts
@@ -338,6 +418,11 @@ class Engine:
             "fetch_errors": self.fetch_errors(),
             "fetch_command": FETCH_COMMAND,
         }
+
+
+def _kept_under(name: str) -> re.Pattern[str]:
+    """The file names `keep_source` gives the copies kept for avatar `name`."""
+    return re.compile(rf"{re.escape(name)}-\d{{8}}-\d{{6}}\.[A-Za-z0-9]+")
 
 
 def _weight_parts(statuses: list[weights.FileStatus]) -> list[dict[str, Any]]:

@@ -11,10 +11,16 @@ import gradio as gr
 import pandas as pd
 
 from musetalk.bot.runner import BotStatus
-from musetalk.bot.transports import DAILY_URL_EXAMPLE, DEFAULT_HOST, DEFAULT_PORT, TransportSettings
+from musetalk.bot.transports import (
+    DAILY_URL_EXAMPLE,
+    DEFAULT_HOST,
+    DEFAULT_PORT,
+    TransportSettings,
+    validate_room_url,
+)
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
 from musetalk.panel.avatars import AvatarActions
-from musetalk.panel.boundary import PROGRESS, operator_errors, scrub
+from musetalk.panel.boundary import PROGRESS, duration_for, message, operator_errors, scrub
 from musetalk.panel.engine import Engine
 from musetalk.panel.text import SPEECH_MODE_HELP, models_banner, page_view, status_view
 
@@ -44,7 +50,7 @@ class LiveActions:
         Args:
             avatar: a prepared avatar's name
             transport: "local" (a page on this machine, no account) or "daily"
-            room_url: the Daily room URL (daily only), e.g. https://your-domain.daily.co/room-name
+            room_url: the Daily room URL (daily only), e.g. https://your-domain.daily.co/room-name; other hosts are refused
             token: the Daily meeting token (daily, private rooms); never shown or logged
             mode: "mirror" (lip-sync whoever speaks); "speech" needs a TTS pipeline built in code
             local_port: port of the local page (0 = any free port)
@@ -77,6 +83,7 @@ class LiveActions:
             if runner.running:
                 current = runner.status()
                 raise MuseTalkError(f"The bot is already {current.state} (avatar {current.avatar}); stop it first.")
+            self.engine.refuse_if_preparing(avatar)
             progress(0.5, desc="Starting the bot")
             self.engine.clear_history()
             status = runner.start(avatar, settings, live, avatar_store=self.store)
@@ -88,7 +95,10 @@ class LiveActions:
 
     @operator_errors
     def stop_bot(self) -> dict:
-        """Stop the live bot (safe when it is not running).
+        """Stop the live bot; answers within about a second in every state, and is safe when it is not running.
+
+        A bot still leaving a Daily room finishes that in the background; after a failed start, stop
+        clears the error state ("stopped") and keeps `last_error` readable.
 
         Returns:
             the bot status after stopping
@@ -121,6 +131,15 @@ class LiveActions:
     def show_transport(self, kind: str):
         return gr.Group(visible=kind == "daily"), gr.Accordion(visible=kind == "local")
 
+    def check_room_url(self, url: str) -> None:
+        """As soon as the field is left: say what is wrong with a room URL (Start refuses it the same way)."""
+        if not (url or "").strip():
+            return
+        try:
+            validate_room_url(url)
+        except ConfigError as exc:
+            gr.Warning(message(str(exc)), duration=duration_for(str(exc)))
+
     def show_mode(self, mode: str):
         return gr.Markdown(visible=mode == "speech")
 
@@ -137,7 +156,11 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                     value=default_transport, label="Transport",
                 )  # fmt: skip
                 with gr.Group(visible=on_spaces) as daily_group:
-                    room_url = gr.Textbox(label="Daily room URL", placeholder=DAILY_URL_EXAMPLE)
+                    room_url = gr.Textbox(
+                        label="Daily room URL",
+                        placeholder=DAILY_URL_EXAMPLE,
+                        info="A room on your own Daily domain (https://your-domain.daily.co/...); other hosts are refused.",
+                    )
                     token = gr.Textbox(
                         label="Daily token (optional, private rooms)",
                         type="password",
@@ -208,6 +231,7 @@ def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: g
     c.transport.change(
         actions.show_transport, c.transport, [c.daily_group, c.local_group], api_visibility="private", queue=False
     )
+    c.room_url.blur(actions.check_room_url, c.room_url, None, api_visibility="private", queue=False)
     c.mode.change(actions.show_mode, c.mode, c.speech_note, api_visibility="private", queue=False)
     c.start_btn.click(
         actions.start_bot, [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host], c.status_json,

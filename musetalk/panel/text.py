@@ -87,6 +87,33 @@ def manifest_markdown(m: dict[str, Any]) -> str:
     return text
 
 
+def delete_question(name: str, source: Path | None, *, damaged: bool = False) -> str:
+    """The delete confirmation: what goes, including the kept copy of the source video."""
+    if damaged:
+        text = f"Delete the damaged avatar **{name}** for good? Its folder and everything in it are removed"
+    else:
+        text = f"Delete avatar **{name}** for good? Its frames, masks and latents are removed"
+    if source is None:
+        return text + "."
+    return (
+        text + f", **and so is the copy of its source video kept for re-preparing** (`{source}`): "
+        "copy that file elsewhere first if you may want to prepare this avatar again."
+    )
+
+
+def damaged_markdown(entries: list[dict[str, Any]]) -> str:
+    """Damaged avatars in the library: why, and what to do (delete, prepare again from the kept video)."""
+    lines = [f"**{len(entries)} damaged avatar{'s' if len(entries) > 1 else ''}** (cannot be used):", ""]
+    for d in entries:
+        reason = d["reason"].strip()
+        line = f"- `{d['name']}`: {html.escape(reason)}" + ("" if reason.endswith(".") else ".")
+        if d.get("kept_source"):
+            line += f" Its source video is kept at `{d['kept_source']}`."
+        lines.append(line)
+    lines.append("\nPick it in *Selected avatar*, press **Delete…**, then prepare it again from its video.")
+    return "\n".join(lines)
+
+
 def suggest_name(video: str | None, current: str, taken: list[str]) -> str:
     """An avatar name from the file name (letters, digits, '_' and '-'), not already taken."""
     if current and current.strip():
@@ -137,8 +164,10 @@ def status_view(status: dict) -> str:
         lines.append(f"\n**Warning:** {html.escape(status['warning'])}")
     if status.get("last_error"):
         lines.append(f"\n**Last error:** {html.escape(status['last_error'])}")
-    if state == "stopped" and not status.get("last_error"):
+    if state == "stopped":
         lines.append("\nThe bot is stopped. Pick an avatar and press **Start**.")
+    elif state == "error":
+        lines.append("\nThe bot stopped on the error above: fix it and press **Start** (**Stop** clears it).")
     elif state == "running" and not status.get("viewer_connected"):
         where = (
             "open the live page below and press Start there"
