@@ -12,6 +12,7 @@ import asyncio
 import base64
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -247,6 +248,12 @@ def test_bot_errors_are_readable_and_never_show_the_token(panel, prepared):
     )  # fmt: skip
     assert_operator_message(message, "query")
     assert TOKEN not in message
+    # Only Daily hosts: refused before anything starts.
+    message = app_error(
+        lambda: client.predict("astro", "daily", "https://example.com/room", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    )  # fmt: skip
+    assert_operator_message(message, "example.com is not a Daily host", "daily.co")
+    assert client.predict(api_name="/bot_status")["state"] == "stopped"
     message = app_error(
         lambda: client.predict("astro", "local", "", "", "speech", 0, "127.0.0.1", api_name="/start_bot")
     )
@@ -267,6 +274,13 @@ def test_bot_errors_are_readable_and_never_show_the_token(panel, prepared):
     status = client.predict(api_name="/bot_status")
     assert status["state"] == "error" and "already in use" in status["last_error"]
     assert TOKEN not in json.dumps(status)
+    # Stop after a failed start: "stopped", and the error stays readable.
+    stopped = client.predict(api_name="/stop_bot")
+    assert stopped["state"] == "stopped" and "already in use" in stopped["last_error"], stopped
+    from musetalk.panel.text import status_view
+
+    view = status_view(stopped)
+    assert "Bot: **stopped**" in view and "already in use" in view and "did not stop" not in view
     again = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
     assert again["state"] == "running" and again["last_error"] is None
     assert client.predict(api_name="/stop_bot")["state"] == "stopped"
@@ -286,6 +300,10 @@ def test_prepare_can_be_cancelled_while_status_keeps_answering(panel, videos):
     poll(job.status, lambda s: bool(s.progress_data) or job.done(), timeout=60, every=0.1)
     assert not job.done(), "the preparation finished before it could be cancelled"
     assert client.predict(api_name="/bot_status")["state"] in ("stopped", "error")
+    message = app_error(
+        lambda: client.predict("long", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    )  # fmt: skip
+    assert_operator_message(message, "'long' is being prepared")
     assert "Cancelling" in client.predict(api_name="/cancel_prepare")
     with pytest.raises(AppError, match="cancelled"):
         job.result(timeout=120)
@@ -310,12 +328,63 @@ def test_reprepare_rename_and_delete(panel, videos):
     assert len(kept) == 1 and kept[0].startswith("astro-"), kept
 
 
+def test_an_avatar_in_use_cannot_be_deleted_renamed_or_prepared_again(panel, prepared):
+    client = panel.client
+    shutil.copytree(panel.avatars / "astro", panel.avatars / "victim")  # shares astro's kept source video
+    status = client.predict("victim", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    assert status["state"] == "running", status
+    calls = {
+        "delete": lambda: client.predict("victim", api_name="/delete_avatar"),
+        "rename": lambda: client.predict("victim", "victim-2", api_name="/rename_avatar"),
+        "re-prepare": lambda: client.predict("victim", 3, 10, "jaw", 90, None, api_name="/reprepare_avatar"),
+    }
+    for action, call in calls.items():
+        message = app_error(call)
+        assert_operator_message(
+            message, f"Cannot {action} avatar 'victim'", "the local bot (running", status["url"], "Stop the bot"
+        )
+    assert client.predict(api_name="/bot_status")["state"] == "running"
+    assert client.predict(api_name="/stop_bot")["state"] == "stopped"
+    assert client.predict("victim", api_name="/delete_avatar") == "Deleted avatar 'victim'."
+    assert "victim" not in [m["name"] for m in client.predict(api_name="/list_avatars")]
+    assert Path(prepared["source_video"]).is_file(), "astro still uses the kept video"
+
+
+def test_damaged_avatars_are_listed_with_why_and_can_be_deleted(panel, prepared):
+    client = panel.client
+    broken = panel.avatars / "broken"
+    shutil.copytree(panel.avatars / "astro", broken)
+    manifest = broken / "manifest.json"
+    manifest.write_text(manifest.read_text()[:40])  # truncated
+    kept = panel.avatars / ".sources" / "broken-20260101-120000.mp4"  # named as the panel keeps sources
+    shutil.copyfile(prepared["source_video"], kept)
+    listed = {m["name"]: m for m in client.predict(api_name="/list_avatars")}
+    assert listed["astro"]["damaged"] is False and listed["astro"]["frame_count"] == 50
+    entry = listed["broken"]
+    assert entry["damaged"] is True and "unreadable" in entry["reason"] and "manifest.json" in entry["reason"]
+    assert entry["kept_source"] == str(kept)
+    # Another deletion prunes unused kept videos: the damaged avatar's copy stays (preparing it again needs it).
+    shutil.copytree(panel.avatars / "astro", panel.avatars / "other")
+    client.predict("other", api_name="/delete_avatar")
+    assert kept.is_file()
+    message = app_error(lambda: client.predict("broken", "fixed", api_name="/rename_avatar"))
+    assert_operator_message(message, "Cannot rename avatar 'broken', it is damaged", "unreadable")
+    done = client.predict("broken", api_name="/delete_avatar")
+    assert done == f"Deleted avatar 'broken' and its kept source video {kept.name}."
+    assert not broken.exists() and not kept.exists()
+    assert "broken" not in [m["name"] for m in client.predict(api_name="/list_avatars")]
+
+
 def test_system_info_says_what_runs_where(panel):
     info = panel.client.predict(api_name="/system_info")
     assert info["device"].startswith("cpu") and info["missing"] == []
     assert info["models_state"].startswith("ready")
     assert {"torch", "pipecat-ai", "gradio"} <= set(info["versions"])
-    assert all(part["present"] for part in info["weights"])
+    # every part is there except DWPose, which the tiny model set does not have (optional)
+    assert all(part["present"] for part in info["weights"] if "DWPose" not in part["part"])
+    files = {f["file"]: f for f in info["weight_files"]}
+    assert files["musetalkV15/unet.pth"]["state"] == "present" and files["musetalkV15/unet.pth"]["size"] > 0
+    assert files["dwpose/dw-ll_ucoco_384.onnx"]["state"] == "missing" and not files["dwpose/dw-ll_ucoco_384.onnx"]["required"]
     assert info["fetch_command"] == "bash download_weights.sh"
 
 
@@ -355,7 +424,7 @@ TABS = {
     "Avatars": ["Video", "bbox_shift (px)", "extra_margin (px)", "Blend mask", "Cheek width", "Preview", "Avatar name", "Prepare", "Cancel preparation", "Library"],
     "Live": ["Avatar", "Transport", "Local page on this machine", "Daily room", "Mode", "Start", "Stop", "Frames per second", "Mouth latency"],
     "Render": ["Avatar", "Speech", "Render", "Lip-synced video"],
-    "System": ["Device", "Weights", "MuseTalk v1.5 UNet", "bash download_weights.sh", "Load models"],
+    "System": ["Device", "Weights", "MuseTalk v1.5 UNet", "bash download_weights.sh", "Load models", "Fetch weights", "Weight files"],
 }  # fmt: skip
 
 
@@ -380,6 +449,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
     if find_chromium() is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
+    (panel.avatars / "wreck" / "frames").mkdir(parents=True)  # no manifest: listed as damaged
     with Chromium() as browser:
         page = browser.new_page(panel.url)
         page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
@@ -397,8 +467,10 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
             )
             text = page.evaluate("document.body.innerText")
             assert missing, f"{tab}: missing {[label for label in labels if label not in text]}"
-            if tab == "Avatars":  # the prepared avatar is in the library, with its manifest
+            if tab == "Avatars":  # the prepared avatar is in the library, with its manifest; the damaged one with why
                 assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
+                assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
+                assert "manifest.json is missing" in page.evaluate("document.body.innerText")
             _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
@@ -428,6 +500,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         name_field = "document.querySelector('textarea[placeholder^=\"e.g.\"]').value"
         assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
         _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
+    assert panel.client.predict("wreck", api_name="/delete_avatar") == "Deleted avatar 'wreck'."
 
 
 # --------------------------------------------------------------------------- command line
