@@ -6,7 +6,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
-from tiny_dwpose import write_constant_dwpose, write_random_dwpose, write_wrong_shape_dwpose
+from tiny_dwpose import peaks, write_random_dwpose, write_symmetric_face_dwpose, write_wrong_shape_dwpose
 
 from musetalk.config import ModelPaths
 from musetalk.errors import MissingWeightsError
@@ -97,31 +97,6 @@ def test_preprocess_puts_a_frame_pixel_where_the_affine_says():
     assert abs(xs.mean() - 68.4) < 0.6 and abs(ys.mean() - 235.2) < 0.6
 
 
-def _peaks(bins: np.ndarray, width: int, sigma: float = 3.0) -> np.ndarray:
-    """(n,) bins -> (n, width) Gaussian-shaped SimCC vectors peaking there (values 0..1)."""
-    grid = np.arange(width)[None, :]
-    return np.exp(-((grid - bins[:, None]) ** 2) / (2 * sigma**2)).astype(np.float32)
-
-
-def _symmetric_face_bins(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
-    """Bins of a left-right symmetric face in input space: partners at x-bins b and 575 - b, same y.
-
-    A midline point (its own mirror) cannot sit on the centre (bin 287.5): the two passes
-    give it equal peaks at b and 575 - b, and the argmax takes the first, b.
-    """
-    rng = np.random.default_rng(seed)
-    bx = np.zeros(68, np.int64)
-    by = np.zeros(68, np.int64)
-    for k in range(68):
-        j = FACE_MIRROR[k]
-        if j < k:
-            continue
-        b = int(rng.integers(150, 280))  # left of the centre line (bin 287.5)
-        bx[j], bx[k] = 575 - b, b
-        by[k] = by[j] = int(rng.integers(250, 520))
-    return bx, by
-
-
 def test_flip_average_by_hand():
     direct_x = np.array([[0, 1, 0, 0], [0, 0, 0, 2]], np.float32)
     flip_x = np.array([[4, 0, 0, 0], [0, 0, 6, 0]], np.float32)
@@ -141,9 +116,9 @@ def test_decoding_synthetic_peaks_lands_within_half_a_pixel():
     bx = rng.integers(0, WX, 68)
     by = rng.integers(0, WY, 68)
     mirror = np.asarray(FACE_MIRROR)
-    direct_x, direct_y = _peaks(bx, WX), _peaks(by, WY)
+    direct_x, direct_y = peaks(bx, WX), peaks(by, WY)
     # the mirrored image's keypoint j is the original's mirror[j], at x-bin 575 - its bin
-    flip_x, flip_y = _peaks(575 - bx[mirror], WX), _peaks(by[mirror], WY)
+    flip_x, flip_y = peaks(575 - bx[mirror], WX), peaks(by[mirror], WY)
     ax, ay = flip_average(direct_x, direct_y, flip_x, flip_y, mirror)
     points, scores = decode_simcc(ax, ay)
     np.testing.assert_array_equal(points, np.stack([bx, by], 1) / 2.0)
@@ -167,14 +142,9 @@ def test_a_keypoint_without_a_positive_score_decodes_to_bin_minus_one():
 
 @pytest.fixture(scope="module")
 def symmetric_model(tmp_path_factory):
-    """Constant network: face keypoints of a symmetric face, other keypoints far weaker."""
-    bx, by = _symmetric_face_bins()
-    sx = np.full((K, WX), -0.1, np.float32)
-    sy = np.full((K, WY), -0.1, np.float32)
-    sx[FACE_FIRST : FACE_FIRST + 68] = _peaks(bx, WX)
-    sy[FACE_FIRST : FACE_FIRST + 68] = _peaks(by, WY)
+    """Constant network: face keypoints of a symmetric face, other keypoints weaker."""
     root = tmp_path_factory.mktemp("models-dwpose")
-    write_constant_dwpose(dwpose_path(root), sx, sy)
+    bx, by = write_symmetric_face_dwpose(dwpose_path(root))
     return root, bx, by
 
 

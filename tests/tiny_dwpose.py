@@ -83,3 +83,47 @@ def write_wrong_shape_dwpose(path: str | Path) -> Path:
         helper.make_node("Identity", ["simcc_x"], ["simcc_y"]),
     ]
     return _save(Path(path), nodes, inits, in_shape=(1, 3, 256, 192), out_shapes=((1, K, 384), (1, K, 384)))
+
+
+def peaks(bins: np.ndarray, width: int, sigma: float = 3.0) -> np.ndarray:
+    """(n,) bins -> (n, width) Gaussian-shaped SimCC vectors peaking there (values 0..1)."""
+    grid = np.arange(width)[None, :]
+    return np.exp(-((grid - np.asarray(bins)[:, None]) ** 2) / (2 * sigma**2)).astype(np.float32)
+
+
+def symmetric_face_bins(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """SimCC bins of a left-right symmetric face: partners at x-bins b and 575 - b, same y-bin.
+
+    A midline point (its own mirror) cannot sit on the centre (bin 287.5): the two passes of
+    the flip test give it equal peaks at b and 575 - b, and the argmax takes the first, b.
+    """
+    from musetalk.face.dwpose import FACE_MIRROR
+
+    rng = np.random.default_rng(seed)
+    bx = np.zeros(68, np.int64)
+    by = np.zeros(68, np.int64)
+    for k in range(68):
+        j = FACE_MIRROR[k]
+        if j < k:
+            continue
+        b = int(rng.integers(150, 280))  # left of the centre line
+        bx[j], bx[k] = 575 - b, b
+        by[k] = by[j] = int(rng.integers(250, 520))
+    return bx, by
+
+
+def write_symmetric_face_dwpose(path: str | Path, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Constant network whose face keypoints (23..90) peak at `symmetric_face_bins`; returns the bins.
+
+    Whatever the image, a constant network answers the mirrored pass of the flip test with
+    the same vectors; for a symmetric face those are exactly what a mirrored image would give.
+    """
+    from musetalk.face.dwpose import FACE_FIRST
+
+    bx, by = symmetric_face_bins(seed)
+    sx = np.full((K, WX), -0.1, np.float32)
+    sy = np.full((K, WY), -0.1, np.float32)
+    sx[FACE_FIRST : FACE_FIRST + 68] = peaks(bx, WX)
+    sy[FACE_FIRST : FACE_FIRST + 68] = peaks(by, WY)
+    write_constant_dwpose(path, sx, sy)
+    return bx, by
