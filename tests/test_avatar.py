@@ -332,8 +332,9 @@ def test_prepare_with_dwpose_landmarks(models, tmp_path, face_video):
     box = face_box(want, 0, 10, (512, 512))
     assert all(tuple(b) == box for b in av.boxes)
     off = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "mesh",
-                         PrepareSettings(max_seconds=0.4, landmarks="offline"))
+                         PrepareSettings(max_seconds=0.4, landmarks="offline"), max_side=384)
     assert off.preparation["landmark_source"] == "offline"
+    assert off.frame_size == (384, 384) and off.preparation["max_side"] == 384  # the keyword the panel passes
 
 
 def test_old_format_avatar_loads_renders_and_reprepares_from_the_cli(

@@ -199,14 +199,19 @@ def prepare_avatar(
     *,
     progress: ProgressCallback | None = None,
     cancel: threading.Event | None = None,
+    max_side: int | None = None,
 ) -> AvatarManifest:
     """Prepare (or re-prepare) avatar `name` from a video; returns its manifest.
 
-    Raises `NoFaceError`, `MediaError`, `ConfigError` or `PreparationCancelled` with a
-    message for the operator. On any failure nothing is written and an existing avatar
-    of the same name is left as it was.
+    `max_side`, when given, replaces ``settings.max_side`` (videos whose long side is larger
+    are scaled down to it; default 1920). Raises `NoFaceError`, `MediaError`, `ConfigError`,
+    `MissingWeightsError` (unusable DWPose file) or `PreparationCancelled` with a message for
+    the operator. On any failure nothing is written and an existing avatar of the same name
+    is left as it was.
     """
     settings = settings or PrepareSettings()
+    if max_side is not None:
+        settings = replace(settings, max_side=int(max_side))
     validate_name(name)
     report = progress or (lambda fraction, message: None)
 
