@@ -331,6 +331,11 @@ def test_prepare_with_dwpose_landmarks(models, tmp_path, face_video):
     av = AvatarStore(tmp_path / "avatars").load("dw")
     box = face_box(want, 0, 10, (512, 512))
     assert all(tuple(b) == box for b in av.boxes)
+    from musetalk.avatar.preview import preview_video
+
+    shown = preview_video(with_dwpose, face_video, PrepareSettings(max_seconds=0.4), count=2)
+    assert shown.landmark_source == "dwpose" and shown.notes[0].startswith("Landmarks: DWPose")
+    assert shown.frames[0].box == box
     off = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "mesh",
                          PrepareSettings(max_seconds=0.4, landmarks="offline"), max_side=384)
     assert off.preparation["landmark_source"] == "offline"

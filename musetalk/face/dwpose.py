@@ -147,6 +147,7 @@ class DWPose:
         """Wrap a checked session; use `from_file`."""
         self._session = session
         self._input = session.get_inputs()[0].name
+        self._outputs = _simcc_outputs(session)
         self.path = path
         self._lock = threading.Lock()
 
@@ -182,7 +183,7 @@ class DWPose:
 
     def _run(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         with self._lock:
-            out = self._session.run(None, {self._input: x})
+            out = self._session.run(self._outputs, {self._input: x})
         return np.asarray(out[0], np.float32)[0], np.asarray(out[1], np.float32)[0]
 
     def keypoints(self, rgb: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -201,20 +202,27 @@ class DWPose:
         return self.keypoints(rgb)[0]
 
 
+def _simcc_outputs(session) -> list[str]:
+    """Names of the (simcc_x, simcc_y) outputs, told apart by their last dimension (576, 768)."""
+    by_width = {out.shape[-1]: out.name for out in session.get_outputs() if out.shape}
+    return [by_width[int(INPUT_W * SIMCC_SPLIT_RATIO)], by_width[int(INPUT_H * SIMCC_SPLIT_RATIO)]]
+
+
 def _signature_problem(session) -> str | None:
     """Why a session is not DWPose-l 384x288 (input 1x3x384x288 -> simcc_x 1x133x576, simcc_y 1x133x768), or None."""
     inputs, outputs = session.get_inputs(), session.get_outputs()
-    if len(inputs) != 1 or len(outputs) < 2:
+    if len(inputs) != 1 or len(outputs) != 2:
         return f"{len(inputs)} inputs and {len(outputs)} outputs, expected 1 and 2"
     want_in = [1, 3, INPUT_H, INPUT_W]
-    want_out = ([1, NUM_KEYPOINTS, int(INPUT_W * SIMCC_SPLIT_RATIO)], [1, NUM_KEYPOINTS, int(INPUT_H * SIMCC_SPLIT_RATIO)])
+    want_x = [1, NUM_KEYPOINTS, int(INPUT_W * SIMCC_SPLIT_RATIO)]
+    want_y = [1, NUM_KEYPOINTS, int(INPUT_H * SIMCC_SPLIT_RATIO)]
 
     def fits(shape, want) -> bool:
         return len(shape) == len(want) and all(not isinstance(s, int) or s == w for s, w in zip(shape, want))
 
     if not fits(inputs[0].shape, want_in):
         return f"input shape {inputs[0].shape}, expected {want_in}"
-    for out, want in zip(outputs[:2], want_out):
-        if not fits(out.shape, want):
-            return f"output {out.name} shape {out.shape}, expected {want}"
+    shapes = sorted((list(out.shape) for out in outputs), key=lambda shape: str(shape[-1]))
+    if not (fits(shapes[0], want_x) and fits(shapes[1], want_y)) and not (fits(shapes[1], want_x) and fits(shapes[0], want_y)):
+        return f"output shapes {[out.shape for out in outputs]}, expected {want_x} and {want_y}"
     return None
