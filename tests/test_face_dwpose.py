@@ -216,3 +216,15 @@ def test_landmark_choice(models, tmp_path, symmetric_model):
         landmark_model(replace(models, paths=ModelPaths(broken)), "auto")
     assert str(dwpose_path(broken)) in str(err.value) and "--landmarks offline" in str(err.value)
     assert landmark_model(replace(models, paths=ModelPaths(broken)), "offline") is None
+
+
+def test_points_on_whole_pixels_truncate_to_them():
+    """1920x1080: scale 2400 x 3200, so bin b is frame x = b * 25/6 - 240 and y = b * 25/6 - 1060:
+    every bin divisible by 6 lands on a whole pixel, which the int32 cast must keep."""
+    c, s = frame_box_center_scale(1920, 1080)
+    np.testing.assert_allclose(s, (2400, 3200))
+    bins = np.arange(0, 576, 6)
+    points = np.stack([bins / 2, (bins + 192) / 2], axis=1).astype(np.float32)
+    got = to_frame(points, c, s).astype(np.int32)
+    np.testing.assert_array_equal(got[:, 0], bins * 25 // 6 - 240)
+    np.testing.assert_array_equal(got[:, 1], (bins + 192) * 25 // 6 - 1060)

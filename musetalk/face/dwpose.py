@@ -129,9 +129,15 @@ def decode_simcc(simcc_x: np.ndarray, simcc_y: np.ndarray) -> tuple[np.ndarray, 
 
 
 def to_frame(points: np.ndarray, centre: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """(K, 2) input pixels -> frame pixels: ``p / (288, 384) * scale + centre - scale / 2``."""
-    size = np.array([INPUT_W, INPUT_H], dtype=np.float32)
-    return (points / size * scale + centre - 0.5 * scale).astype(np.float32)
+    """(K, 2) input pixels -> frame pixels: ``p / (288, 384) * scale + centre - scale / 2``.
+
+    Worked in float64 from the float32 values and stored as float32, as mmpose does (its
+    integer input size promotes the arithmetic; the result is written into a float32 array),
+    so a point that lands on a whole pixel truncates the same way.
+    """
+    size = np.array([INPUT_W, INPUT_H], dtype=np.int64)
+    c, s = np.asarray(centre, np.float32).astype(np.float64), np.asarray(scale, np.float32).astype(np.float64)
+    return (np.asarray(points, np.float32) / size * s + c - 0.5 * s).astype(np.float32)
 
 
 def dwpose_path(models_dir: str | Path) -> Path:
