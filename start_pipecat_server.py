@@ -7,7 +7,7 @@
 The first avatar of --config is used: `preparation: True` prepares it from its video_path
 first, `False` uses the avatar already prepared under that name. Logs go to stderr and to
 musetalk_pipecat.log. Ctrl-C stops the bot cleanly.
-Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN.
+Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN, MUSETALK_ICE_SERVERS.
 """
 
 from __future__ import annotations
@@ -84,6 +84,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--port", type=int, default=7861, help="port of the local page (default: 7861; 0 picks a free one)"
+    )
+    parser.add_argument(
+        "--ice-servers",
+        metavar="SERVERS",
+        default=None,
+        help="local page behind NAT: STUN/TURN servers, e.g. 'stun:stun.example.com:3478 "
+        "user:secret@turn:turn.example.com:3478' or a JSON list of RTCIceServer objects. Also read from MUSETALK_ICE_SERVERS.",
     )
     parser.add_argument(
         "--mode",
@@ -271,14 +278,17 @@ def main(argv: list[str] | None = None) -> int:
         print("error: choose --room-url (a Daily room) or --local (a page on this machine), not both.", file=sys.stderr)
         return 2
 
-    from musetalk.bot.transports import TransportSettings
+    from musetalk.bot.transports import TransportSettings, parse_ice_servers
     from musetalk.config import load_realtime_config
     from musetalk.errors import MuseTalkError
 
     token = args.token if args.token is not None else os.environ.get("DAILY_TOKEN") or None
     try:  # everything that can be checked without loading anything
         if args.local:
-            transport = TransportSettings(kind="local", host=args.host, port=args.port)
+            ice = parse_ice_servers(
+                args.ice_servers if args.ice_servers is not None else os.environ.get("MUSETALK_ICE_SERVERS")
+            )
+            transport = TransportSettings(kind="local", host=args.host, port=args.port, ice_servers=ice)
         else:
             transport = TransportSettings(kind="daily", room_url=args.room_url, token=token)
         entries = load_realtime_config(args.config)

@@ -174,11 +174,15 @@ def cmd_list(args: argparse.Namespace) -> int:
 
     from musetalk.avatar.store import AvatarStore
 
-    manifests = AvatarStore(avatars_dir_from_env()).list()
+    store = AvatarStore(avatars_dir_from_env())
+    manifests = store.list()
     if args.json:
         print(json.dumps([asdict(m) for m in manifests], indent=2))
         return 0
-    if not manifests:
+    damaged = store.damaged()
+    for entry in damaged:
+        print(f"{entry.name}\tDAMAGED: {entry.reason} (remove it: python -m musetalk delete {entry.name})")
+    if not manifests and not damaged:
         print(f"no avatars in {avatars_dir_from_env()} (prepare one: python -m musetalk prepare VIDEO --name NAME)")
     for m in manifests:
         w, h = m.frame_size

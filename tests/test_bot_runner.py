@@ -164,7 +164,6 @@ def test_unknown_avatar_name_is_refused(runner, avatar_store, prepared_avatar):
         "https://your-domain.daily.co/room-name",
         "https://acme.daily.co/standup_2024",
         " https://acme.daily.co/room/ ",
-        "https://video.example.com/rooms/team-a",
     ],
 )
 def test_valid_room_urls(url):
@@ -192,6 +191,9 @@ def test_valid_room_urls(url):
         ("https://acme_.daily.co/room", "host"),
         ("https://user:pw@acme.daily.co/room", "user name"),
         ("https://acme.daily.co/r%20oom", "room path"),
+        ("https://example.com/room", "not a Daily host"),
+        ("https://video.example.com/rooms/team-a", "not a Daily host"),
+        ("https://acme.daily.co.evil.net/room", "not a Daily host"),
     ],
 )
 def test_malformed_room_urls_are_refused(url, message):

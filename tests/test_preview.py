@@ -6,7 +6,7 @@ import media
 import numpy as np
 import pytest
 
-from musetalk.avatar.preview import preview_video, spread
+from musetalk.avatar.preview import PreviewCache, preview_video, spread
 from musetalk.config import PrepareSettings
 from musetalk.errors import NoFaceError
 from musetalk.media import read_video
@@ -19,12 +19,11 @@ def test_spread():
 
 def test_preview_four_frames_and_bbox_shift(models, face_video):
     frames, _ = read_video(face_video)
-    from musetalk.avatar import preview as preview_module
-
-    base = preview_video(models, face_video, PrepareSettings(bbox_shift=0))
-    analysed = preview_module._last_analysis
-    moved = preview_video(models, face_video, PrepareSettings(bbox_shift=5))
-    assert preview_module._last_analysis is analysed  # slider changes reuse the decoded clip
+    cache = PreviewCache()
+    base = preview_video(models, face_video, PrepareSettings(bbox_shift=0), cache=cache)
+    analysed = cache.last
+    moved = preview_video(models, face_video, PrepareSettings(bbox_shift=5), cache=cache)
+    assert analysed is not None and cache.last is analysed  # slider changes reuse the decoded clip
     assert [f.index for f in base.frames] == [0, 16, 33, 49]
     lo, hi = base.shift_range
     assert lo < 0 < hi and base.mask_mode == "jaw"

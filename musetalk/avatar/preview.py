@@ -8,6 +8,7 @@ range measured on the clip's landmarks.
 
 from __future__ import annotations
 
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -83,35 +84,64 @@ class _Analysis:
     info: VideoInfo
 
 
-_last_analysis: _Analysis | None = None  # one clip: moving a slider re-renders without decoding again
+class PreviewCache:
+    """The decoded frames and landmarks of the last clip previewed, so moving a slider re-renders
+    without decoding again. One per owner (the panel's engine); safe to share between threads."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._last: _Analysis | None = None
+
+    @property
+    def last(self) -> _Analysis | None:
+        with self._lock:
+            return self._last
+
+    def get(self, key: tuple) -> _Analysis | None:
+        with self._lock:
+            return self._last if self._last is not None and self._last.key == key else None
+
+    def put(self, analysis: _Analysis) -> None:
+        with self._lock:
+            self._last = analysis
 
 
-def _analyse(models: Models, video_path, settings: PrepareSettings, count: int) -> _Analysis:
-    global _last_analysis
+def _analyse(models: Models, video_path, settings: PrepareSettings, count: int, cache: PreviewCache | None) -> _Analysis:
     path = Path(video_path)
     stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size, settings.max_side, settings.max_seconds, settings.landmarks, count, id(models))
-    cached = _last_analysis
-    if cached is not None and cached.key == key:
+    key = (
+        str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size,
+        settings.max_side, settings.max_seconds, settings.landmarks, count, id(models),
+    )  # fmt: skip
+    cached = cache.get(key) if cache is not None else None
+    if cached is not None:
         return cached
     frames, info = read_video(video_path, max_side=settings.max_side, max_seconds=settings.max_seconds)
     sample = sorted(set(spread(len(frames), _RANGE_SAMPLES)) | set(spread(len(frames), count)))
     track = track_faces(models.landmarker, [frames[i] for i in sample], dwpose=landmark_model(models, settings.landmarks))
     _face_notes(track, len(sample))  # raises NoFaceError when no sampled frame has a face
     analysis = _Analysis(key, {i: frames[i] for i in sample}, sample, track, len(frames), info)
-    _last_analysis = analysis
+    if cache is not None:
+        cache.put(analysis)
     return analysis
 
 
 @torch.inference_mode()
-def preview_video(models: Models, video_path, settings: PrepareSettings | None = None, *, count: int = 4) -> Preview:
+def preview_video(
+    models: Models,
+    video_path,
+    settings: PrepareSettings | None = None,
+    *,
+    count: int = 4,
+    cache: PreviewCache | None = None,
+) -> Preview:
     """Analyse a clip and render `count` preview frames; nothing is written to disk.
 
-    The decoded frames and landmarks of the last clip are kept, so changing bbox_shift,
-    extra_margin or the mask settings re-renders without decoding the video again.
+    With a `cache`, the decoded frames and landmarks of the last clip are kept there, so
+    changing bbox_shift, extra_margin or the mask settings re-renders without decoding again.
     """
     settings = settings or PrepareSettings()
-    analysis = _analyse(models, video_path, settings, count)
+    analysis = _analyse(models, video_path, settings, count, cache)
     info, sample, track = analysis.info, analysis.sample, analysis.track
     size = info.size
     notes = _face_notes(track, len(sample))

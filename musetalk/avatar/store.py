@@ -157,6 +157,14 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+@dataclass(frozen=True)
+class DamagedAvatar:
+    """An avatar folder that cannot be loaded, and why (for the library list and the CLI)."""
+
+    name: str
+    reason: str
+
+
 class AvatarStore:
     """All avatars under one root folder (`MUSETALK_AVATARS_DIR`, default `./avatars`)."""
 
@@ -206,6 +214,20 @@ class AvatarStore:
                 out.append(self.manifest(name))
             except AvatarError as exc:
                 logger.warning("Skipping avatar {}: {}", name, exc)
+        return out
+
+    def damaged(self) -> list[DamagedAvatar]:
+        """Avatar folders that cannot be used (no or unreadable manifest), with why: the library
+        lists them so an operator can see and delete them instead of meeting them in errors."""
+        out = []
+        for folder in sorted(p for p in self.root.iterdir() if p.is_dir() and _NAME_RE.fullmatch(p.name)):
+            if not (folder / "manifest.json").is_file():
+                out.append(DamagedAvatar(folder.name, "its manifest.json is missing (an unfinished or damaged folder)"))
+                continue
+            try:
+                self.manifest(folder.name)
+            except AvatarError as exc:
+                out.append(DamagedAvatar(folder.name, str(exc)))
         return out
 
     def _missing_message(self, name: str) -> str:

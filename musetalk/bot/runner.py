@@ -35,7 +35,9 @@ if TYPE_CHECKING:
     from musetalk.models import Models
 
 STATES = ("stopped", "starting", "running", "stopping", "error")
+STOP_GRACE_S = 1.0  # how long stop() waits before it answers "stopped" and lets teardown finish behind it
 _SESSION_END_TIMEOUT_S = 5.0
+_DAILY_JOIN_SETTLE_S = 30.0  # a stopped bot still waits this long for its join to succeed or fail
 _STATS_TIMEOUT_S = 0.5
 
 
@@ -99,6 +101,8 @@ class _BotRun:
         self.ended_at: float | None = None
         self.viewer_connected = False
         self.stop_requested = False
+        self.failed = False  # an error ended it (not an operator's stop): the final state is "error"
+        self.detached = False  # stop() answered already; the thread finishes its teardown on its own
         self.started = threading.Event()  # set once running, or once it failed
         self.thread: threading.Thread | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -119,11 +123,17 @@ class _BotRun:
         return text.replace(token, "***") if token else text
 
     def fail(self, message: str) -> None:
-        """Record the first error and end the run (callable from any thread)."""
+        """Record the first error and end the run (callable from any thread).
+
+        An error that arrives after the operator asked to stop (a Daily join failing while it is
+        torn down) is kept as `last_error`, but the run still ends "stopped": that is what was asked.
+        """
         message = self.scrub(message)
         with self._lock:
             if self.error is None:
                 self.error = message
+            if not self.stop_requested:
+                self.failed = True
         logger.error("Bot error: {}", message)
         self.request_stop()
 
@@ -132,7 +142,26 @@ class _BotRun:
         with self._lock:
             self.state = state
             self.error = self.error or error
+            self.failed = state == "error"
         self.started.set()
+
+    def detach(self) -> None:
+        """Answer "stopped" now; the thread goes on closing what it holds (a Daily call that is
+        still joining cannot be released sooner) and then ends by itself."""
+        with self._lock:
+            if self.state in ("starting", "running", "stopping"):
+                self.detached = True
+                self.state = "error" if self.failed else "stopped"
+                self.ended_at = time.monotonic()
+                self.viewer_connected = False
+        self.started.set()
+
+    def acknowledge(self) -> None:
+        """A stop of a run that already ended in error: the state becomes "stopped" (the error stays readable)."""
+        with self._lock:
+            if self.state == "error":
+                self.state = "stopped"
+                self.failed = False
 
     def request_stop(self) -> None:
         with self._lock:
@@ -212,16 +241,17 @@ class _BotRun:
                 _drain_loop(loop)
             finally:
                 with self._lock:
-                    self.ended_at = time.monotonic()
+                    if not self.detached:
+                        self.ended_at = time.monotonic()
+                        self.state = "error" if self.failed else "stopped"
                     self.loop = None
                     self._stop_event = None
                     self.session = None
                     self.viewer_connected = False
-                    self.state = "error" if self.error else "stopped"
                 asyncio.set_event_loop(None)
                 loop.close()
                 self.started.set()
-                logger.info("Bot {}", "ended with an error" if self.error else "stopped")
+                logger.info("Bot {}", "ended with an error" if self.failed else "stopped")
 
     async def _main(self) -> None:
         with self._lock:
@@ -258,13 +288,16 @@ class _BotRun:
 
         processor = await self._new_processor()
         transport = make_daily_transport(self.settings, transport_params(processor, daily=True))
+        join_settled = asyncio.Event()  # joined, or the join failed
 
         @transport.event_handler("on_error")
         async def on_error(_transport, error: Any) -> None:
+            join_settled.set()
             self.fail(daily_error_message(self.settings.room_url or "", str(error)))
 
         @transport.event_handler("on_joined")
         async def on_joined(_transport, _data: Any) -> None:
+            join_settled.set()
             logger.info("Joined the Daily room {}", self.settings.room_url)
 
         participants: set[str] = set()
@@ -289,6 +322,13 @@ class _BotRun:
             stop_wait.cancel()
             if session.task.done() and not self.stop_requested and self.error is None:
                 logger.info("The Daily pipeline ended")
+            if not join_settled.is_set() and not session.task.done():
+                # Stopped while joining: Daily cannot drop a join half way (releasing the call blocks
+                # until the join ends), and cancelling it would lose its outcome. The operator's stop
+                # has answered already (BotRunner.stop detaches); here the join's real result (e.g.
+                # "the room lookup failed") still reaches on_error and becomes last_error.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(join_settled.wait(), timeout=_DAILY_JOIN_SETTLE_S)
         finally:
             await self._end_session("the bot is stopping")
 
@@ -455,6 +495,7 @@ class BotRunner:
         self._start_timeout_s = start_timeout_s
         self._lock = threading.Lock()
         self._run: _BotRun | None = None
+        self._closing: list[_BotRun] = []  # stopped runs whose threads are still tearing down
 
     def start(
         self,
@@ -479,6 +520,7 @@ class BotRunner:
                 )
             run = _BotRun(self._models, transport_settings, live_settings, name)
             self._run = run
+        self._wait_for_closing_pages(transport_settings)
         logger.info("Starting the bot: avatar {}, {}, mode {}", name, transport_settings, live_settings.mode)
         try:
             if isinstance(avatar, Avatar):
@@ -501,8 +543,14 @@ class BotRunner:
             raise MuseTalkError(status.last_error)
         return status
 
-    def stop(self, timeout: float = 10.0) -> BotStatus:
-        """Stop the bot and wait for its thread (at most `timeout` s). Safe to call when stopped."""
+    def stop(self, timeout: float = STOP_GRACE_S) -> BotStatus:
+        """Stop the bot; safe to call in any state, from any thread, as often as you like.
+
+        Waits at most `timeout` s for the bot's thread. A bot that needs longer to let go (a Daily
+        call still joining holds on for up to ~20 s) is reported "stopped" at once and finishes
+        its teardown in the background: a new start is possible right away, and an error that
+        teardown reports (the room lookup failed) still shows as `last_error`.
+        """
         with self._lock:
             run = self._run
         if run is None:
@@ -512,9 +560,45 @@ class BotRunner:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout)
             if thread.is_alive():
-                run.fail(f"The bot did not stop within {timeout:.0f} s.")
-                logger.error("The bot thread is still running after {} s", timeout)
+                logger.info("The bot is stopped; its connection closes in the background")
+                run.detach()
+                with self._lock:
+                    self._closing = [r for r in self._closing if r.thread is not None and r.thread.is_alive()]
+                    self._closing.append(run)
+        elif thread is None:
+            run.detach()  # stopped before its thread existed (the avatar was still loading)
+        run.acknowledge()
         return self.status()
+
+    def join_closing(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for stopped bots that are still tearing down; True when none is left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            closing = list(self._closing)
+        for run in closing:
+            if run.thread is not None:
+                run.thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closing = [r for r in self._closing if r.thread is not None and r.thread.is_alive()]
+            return not self._closing
+
+    def _wait_for_closing_pages(self, settings: TransportSettings, timeout: float = 5.0) -> None:
+        """A local page still closing may hold the port a new local bot asks for: let it finish first."""
+        if settings.kind != "local":
+            return
+        with self._lock:
+            pages = [r for r in self._closing if r.settings.kind == "local" and r.thread is not None]
+        for run in pages:
+            run.thread.join(timeout)
+
+    def avatar_in_use(self, name: str) -> str | None:
+        """A sentence naming the bot that uses avatar `name`, or None when no running bot does."""
+        with self._lock:
+            run = self._run
+        if run is None or not run.alive or run.avatar_name != name:
+            return None
+        where = run.url or run.settings.room_url or run.settings.kind
+        return f"the {run.settings.kind} bot ({run.state}, {where}) is using avatar {name!r}"
 
     def status(self) -> BotStatus:
         with self._lock:

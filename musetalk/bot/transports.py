@@ -45,6 +45,68 @@ _ROOM_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 
 
 @dataclass(frozen=True)
+class IceServerSpec:
+    """A STUN or TURN server for the local page's WebRTC connections (the browser's RTCIceServer)."""
+
+    urls: tuple[str, ...]
+    username: str | None = field(default=None, repr=False)
+    credential: str | None = field(default=None, repr=False)
+
+    def to_browser(self) -> dict[str, Any]:
+        data: dict[str, Any] = {"urls": list(self.urls)}
+        if self.username is not None:
+            data.update(username=self.username, credential=self.credential or "")
+        return data
+
+
+def parse_ice_servers(text: str | None) -> tuple[IceServerSpec, ...]:
+    """ICE servers from `--ice-servers` / `MUSETALK_ICE_SERVERS`.
+
+    Either a JSON list of RTCIceServer objects (`[{"urls": "turn:host:3478", "username": "u",
+    "credential": "p"}]`) or URLs separated by spaces or commas, TURN credentials written as
+    `user:secret@turn:host:3478`. Empty: no ICE servers (host candidates only).
+    """
+    text = (text or "").strip()
+    if not text:
+        return ()
+    if text.startswith("["):
+        try:
+            items = json.loads(text)
+            servers = [_ice_from_dict(item) for item in items]
+        except (ValueError, TypeError, AttributeError, KeyError) as exc:
+            raise ConfigError(
+                f"ICE servers: not a JSON list of {{urls, username, credential}} objects ({exc})."
+            ) from exc
+    else:
+        servers = [_ice_from_text(item) for item in re.split(r"[\s,]+", text) if item]
+    return tuple(servers)
+
+
+def _ice_from_dict(item: dict[str, Any]) -> IceServerSpec:
+    urls = item["urls"] if isinstance(item["urls"], list) else [item["urls"]]
+    return _checked_ice(IceServerSpec(tuple(str(u) for u in urls), item.get("username"), item.get("credential")))
+
+
+def _ice_from_text(item: str) -> IceServerSpec:
+    match = re.fullmatch(r"(?:(?P<user>[^:@]+):(?P<secret>.*)@)?(?P<url>(?:stun|stuns|turn|turns):.+)", item)
+    if match is None:
+        raise ConfigError(
+            f"ICE server {item.split('@')[-1]!r} is not a stun:, turn: or turns: URL "
+            "(e.g. stun:stun.example.com:3478 or user:secret@turn:turn.example.com:3478)."
+        )
+    return _checked_ice(IceServerSpec((match["url"],), match["user"], match["secret"]))
+
+
+def _checked_ice(server: IceServerSpec) -> IceServerSpec:
+    for url in server.urls:
+        if not re.fullmatch(r"(stun|stuns|turn|turns):[^\s@]+", url):
+            raise ConfigError(f"ICE server {url!r} is not a stun:, turn: or turns: URL.")
+        if url.startswith("turn") and not server.username:
+            raise ConfigError(f"The TURN server {url} needs a user name and credential (user:secret@{url}).")
+    return server
+
+
+@dataclass(frozen=True)
 class TransportSettings:
     """Where the bot goes: `local` (a page on host:port) or `daily` (a Daily room).
 
@@ -58,6 +120,7 @@ class TransportSettings:
     bot_name: str = "MuseTalk avatar"
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
+    ice_servers: tuple[IceServerSpec, ...] = field(default=(), repr=False)  # local page: STUN/TURN behind NAT
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSPORT_KINDS:
@@ -79,9 +142,10 @@ class TransportSettings:
 def validate_room_url(url: str | None) -> str:
     """A Daily room URL, checked before anything starts: `https://<sub>.daily.co/<room>`.
 
-    A custom domain is accepted as `https://<host>/<room path>`. Returns the URL without
-    surrounding whitespace; raises `ConfigError` saying what is wrong otherwise. A query
-    string is refused: a token belongs in the token field, not in a URL that gets logged.
+    Every Daily room lives on a `<subdomain>.daily.co` host, so any other host is refused here
+    rather than after a ~20 s join attempt. Returns the URL without surrounding whitespace;
+    raises `ConfigError` saying what is wrong otherwise. A query string is refused: a token
+    belongs in the token field, not in a URL that gets logged.
     """
     if url is None or not isinstance(url, str) or not url.strip():
         raise ConfigError(f"A Daily room URL is required, e.g. {DAILY_URL_EXAMPLE}")
@@ -117,11 +181,15 @@ def validate_room_url(url: str | None) -> str:
         )
     if host == "daily.co":
         raise ConfigError(f"The Daily room URL needs your Daily subdomain, e.g. {DAILY_URL_EXAMPLE}")
-    if host.endswith(".daily.co"):
-        if len(labels) != 3:
-            raise ConfigError(f"The Daily room URL {url!r} should be https://<subdomain>.daily.co/<room>.")
-        if len(segments) != 1:
-            raise ConfigError(f"The Daily room URL {url!r} should have exactly one room name after the domain.")
+    if not host.endswith(".daily.co"):
+        raise ConfigError(
+            f"{host} is not a Daily host: a Daily room URL looks like {DAILY_URL_EXAMPLE} "
+            "(copy it from your Daily dashboard), or use the local page instead."
+        )
+    if len(labels) != 3:
+        raise ConfigError(f"The Daily room URL {url!r} should be https://<subdomain>.daily.co/<room>.")
+    if len(segments) != 1:
+        raise ConfigError(f"The Daily room URL {url!r} should have exactly one room name after the domain.")
     return url
 
 
@@ -210,105 +278,20 @@ class LocalWebRTCServer:
 
     # ------------------------------------------------------------------ app
     def _build_app(self):
-        from fastapi import FastAPI, HTTPException
-        from fastapi.responses import FileResponse, JSONResponse, RedirectResponse
-        from pipecat.transports.smallwebrtc.request_handler import (
-            IceCandidate,
-            SmallWebRTCPatchRequest,
-            SmallWebRTCRequest,
-            SmallWebRTCRequestHandler,
-        )
+        """The page app. Its endpoints are module-level functions that find this server through
+        `app.state.page`: FastAPI caches facts about every endpoint callable in a module-level LRU,
+        so per-instance closures would keep each server (and through `on_connection` its bot and
+        avatar) alive for the life of the process."""
+        from pipecat.transports.smallwebrtc.connection import IceServer
+        from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
 
-        self._handler = SmallWebRTCRequestHandler()
-        app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
-
-        def page() -> FileResponse:
-            return FileResponse(
-                STATIC_DIR / "index.html", media_type="text/html", headers={"Cache-Control": "no-store"}
-            )
-
-        @app.get("/", include_in_schema=False)
-        async def index():
-            return page()
-
-        @app.get("/client", include_in_schema=False)
-        async def client():
-            return page()
-
-        @app.get("/client/", include_in_schema=False)
-        async def client_slash():
-            return RedirectResponse(url="/client")
-
-        @app.get("/client.js", include_in_schema=False)
-        async def client_js():
-            return FileResponse(
-                STATIC_DIR / "client.js", media_type="text/javascript", headers={"Cache-Control": "no-store"}
-            )
-
-        @app.get("/api/status")
-        async def status():
-            return JSONResponse(self._status(), headers={"Cache-Control": "no-store"})
-
-        async def json_body(request: Request) -> dict[str, Any]:
-            try:
-                data = await request.json()
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
-            if not isinstance(data, dict):
-                raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
-            return data
-
-        @app.post("/api/offer")
-        async def offer(request: Request):
-            data = await json_body(request)
-            if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
-                raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
-            try:
-                webrtc_request = SmallWebRTCRequest.from_dict(
-                    {
-                        k: data[k]
-                        for k in ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
-                        if k in data
-                    }
-                )
-                answer = await self._handler.handle_web_request(
-                    request=webrtc_request, webrtc_connection_callback=self._on_connection
-                )
-            except HTTPException:
-                raise
-            except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
-                logger.warning("Local page: refused a WebRTC offer: {}", exc)
-                raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
-            return answer
-
-        @app.patch("/api/offer")
-        async def ice_candidates(request: Request):
-            data = await json_body(request)
-            try:
-                patch = SmallWebRTCPatchRequest(
-                    pc_id=str(data["pc_id"]),
-                    candidates=[
-                        IceCandidate(
-                            candidate=c.get("candidate") or "",
-                            sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
-                            sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
-                        )
-                        for c in data.get("candidates", [])
-                    ],
-                )
-            except (KeyError, TypeError, AttributeError) as exc:
-                raise HTTPException(
-                    status_code=400,
-                    detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
-                ) from exc
-            try:
-                await self._handler.handle_patch_request(patch)
-            except HTTPException:
-                raise
-            except Exception as exc:
-                raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
-            return {"status": "success"}
-
+        ice = [
+            IceServer(urls=list(i.urls), username=i.username, credential=i.credential)
+            for i in self.settings.ice_servers
+        ]
+        self._handler = SmallWebRTCRequestHandler(ice_servers=ice or None)
+        app = _page_app()
+        app.state.page = self
         return app
 
     # ------------------------------------------------------------------ lifecycle
@@ -366,3 +349,132 @@ class LocalWebRTCServer:
         if self._socket is not None:
             self._socket.close()
             self._socket = None
+        self.app.state.page = None  # a request still in flight finds "stopping", not this server
+
+
+# ---------------------------------------------------------------------- the local page's endpoints
+# Module-level on purpose (see LocalWebRTCServer._build_app): nothing here closes over a server.
+
+
+def _page_of(request: Request) -> LocalWebRTCServer:
+    from fastapi import HTTPException
+
+    page = getattr(request.app.state, "page", None)
+    if page is None:
+        raise HTTPException(status_code=503, detail="The bot is stopping.")
+    return page
+
+
+def _page_file(name: str, media_type: str):
+    from fastapi.responses import FileResponse
+
+    return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-store"})
+
+
+async def _index(request: Request):
+    return _page_file("index.html", "text/html")
+
+
+async def _client_slash(request: Request):
+    from fastapi.responses import RedirectResponse
+
+    return RedirectResponse(url="/client")
+
+
+async def _client_js(request: Request):
+    return _page_file("client.js", "text/javascript")
+
+
+async def _ice_servers(request: Request):
+    """The page's RTCPeerConnection uses the same STUN/TURN servers as the bot."""
+    from fastapi.responses import JSONResponse
+
+    servers = [i.to_browser() for i in _page_of(request).settings.ice_servers]
+    return JSONResponse({"iceServers": servers}, headers={"Cache-Control": "no-store"})
+
+
+async def _status(request: Request):
+    from fastapi.responses import JSONResponse
+
+    return JSONResponse(_page_of(request)._status(), headers={"Cache-Control": "no-store"})
+
+
+async def _json_body(request: Request) -> dict[str, Any]:
+    from fastapi import HTTPException
+
+    try:
+        data = await request.json()
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
+    if not isinstance(data, dict):
+        raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
+    return data
+
+
+async def _offer(request: Request):
+    from fastapi import HTTPException
+    from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest
+
+    page = _page_of(request)
+    data = await _json_body(request)
+    if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
+        raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
+    keys = ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
+    try:
+        webrtc_request = SmallWebRTCRequest.from_dict({k: data[k] for k in keys if k in data})
+        return await page._handler.handle_web_request(
+            request=webrtc_request, webrtc_connection_callback=page._on_connection
+        )
+    except HTTPException:
+        raise
+    except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
+        logger.warning("Local page: refused a WebRTC offer: {}", exc)
+        raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
+
+
+async def _ice_candidates(request: Request):
+    from fastapi import HTTPException
+    from pipecat.transports.smallwebrtc.request_handler import IceCandidate, SmallWebRTCPatchRequest
+
+    page = _page_of(request)
+    data = await _json_body(request)
+    try:
+        patch = SmallWebRTCPatchRequest(
+            pc_id=str(data["pc_id"]),
+            candidates=[
+                IceCandidate(
+                    candidate=c.get("candidate") or "",
+                    sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
+                    sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
+                )
+                for c in data.get("candidates", [])
+            ],
+        )
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise HTTPException(
+            status_code=400,
+            detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
+        ) from exc
+    try:
+        await page._handler.handle_patch_request(patch)
+    except HTTPException:
+        raise
+    except Exception as exc:
+        raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
+    return {"status": "success"}
+
+
+def _page_app():
+    """A new FastAPI app for one page server, wired to the module-level endpoints."""
+    from fastapi import FastAPI
+
+    app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
+    app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client", _index, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client/", _client_slash, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/client.js", _client_js, methods=["GET"], include_in_schema=False)
+    app.add_api_route("/api/ice-servers", _ice_servers, methods=["GET"])
+    app.add_api_route("/api/status", _status, methods=["GET"])
+    app.add_api_route("/api/offer", _offer, methods=["POST"])
+    app.add_api_route("/api/offer", _ice_candidates, methods=["PATCH"])
+    return app

@@ -106,7 +106,13 @@ async function start() {
   }
   window.musetalk.mic = mic;
 
-  pc = new RTCPeerConnection({ iceServers: [] });
+  let iceServers = [];
+  try {  // STUN/TURN servers the bot was started with (--ice-servers), for hosts behind NAT
+    iceServers = (await (await fetch("/api/ice-servers", { cache: "no-store" })).json()).iceServers || [];
+  } catch (err) {
+    iceServers = [];
+  }
+  pc = new RTCPeerConnection({ iceServers });
   window.musetalk.pc = pc;
   pcId = null;
   pendingCandidates = [];

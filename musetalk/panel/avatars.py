@@ -1,0 +1,481 @@
+"""The Avatars tab: preview a video, prepare an avatar, and the library (rename, re-prepare, delete).
+
+API names: `preview`, `prepare`, `cancel_prepare`, `reprepare_avatar`, `list_avatars`,
+`rename_avatar`, `delete_avatar`.
+"""
+
+from __future__ import annotations
+
+import html
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import gradio as gr
+import pandas as pd
+from PIL import Image
+
+from musetalk.avatar.prepare import PreparationCancelled, prepare_avatar
+from musetalk.avatar.preview import preview_video
+from musetalk.avatar.store import validate_name
+from musetalk.config import PrepareSettings
+from musetalk.errors import AvatarError, MediaError, MuseTalkError
+from musetalk.models import Models
+from musetalk.panel.boundary import PROGRESS, message, operator_errors
+from musetalk.panel.engine import Engine
+from musetalk.panel.text import manifest_dict, manifest_markdown, prepare_settings, suggest_name, video_path
+from musetalk.weights import format_bytes
+
+
+class AvatarActions:
+    """The tab's actions (API endpoints and UI refreshes), bound to one engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.store = engine.store
+
+    def wait_models(self, progress: gr.Progress) -> Models:
+        return self.engine.models(on_wait=lambda: progress(0.0, desc="Loading the models (first use after start)"))
+
+    # ------------------------------------------------------------ API: avatars
+    @operator_errors
+    def preview(
+        self,
+        video: str,
+        bbox_shift: float,
+        extra_margin: float,
+        parsing_mode: str,
+        cheek_width: float,
+        progress=PROGRESS,
+    ):
+        """Preview how a video would be prepared: 4 frames across the clip, nothing is written.
+
+        Args:
+            video: the video file (one person facing the camera)
+            bbox_shift: moves the mouth-mask line (red) down (+) or up (-), in pixels
+            extra_margin: pixels added below the chin
+            parsing_mode: blend mask: jaw, raw or polygon
+            cheek_width: width of the cheek part of the jaw mask
+        Returns:
+            gallery: 4 images, each the annotated frame (face box green, crop box blue, mask line red, mask tinted) beside a generated frame
+            summary: Markdown with the adjustable bbox_shift range, the mask used and notes
+        """
+        path = video_path(video)
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
+        models = self.wait_models(progress)
+        progress(0.2, desc="Finding the face and generating preview frames")
+        result = preview_video(models, path, settings, count=4, cache=self.engine.preview_cache)
+        gallery = [
+            (f.side_by_side(), f"frame {f.index}: mask line y={f.mask_line}, face box {f.box}") for f in result.frames
+        ]
+        lo, hi = result.shift_range
+        info = result.info
+        lines = [
+            f"**Adjustable bbox_shift range for this clip: {lo} … {hi}** (now {settings.bbox_shift}). "
+            "Positive moves the red mask line down, negative moves it up; MuseTalk's authors found that "
+            "positive values open the mouth more and negative values less.",
+            f"Mask: **{result.mask_mode}**"
+            + (
+                f" (asked {parsing_mode}: no face-parsing weights, so the landmark polygon is used)"
+                if result.mask_mode != parsing_mode
+                else ""
+            ),
+            f"Clip: {info.source_size[0]}×{info.source_size[1]} at {info.source_fps:.2f} fps, {info.duration:.1f} s"
+            + (f" → prepared at {info.size[0]}×{info.size[1]}" if info.size != info.source_size else ""),
+            "Each image: left the frame with the face box (green), blend region (blue), mask line (red) and mask (tint); "
+            "right one frame generated through the model with a closed mouth.",
+        ]
+        lines += [f"- {note}" for note in result.notes]
+        return gallery, "\n\n".join(lines)
+
+    def auto_preview(self, video, bbox_shift, extra_margin, parsing_mode, cheek_width, progress=PROGRESS):
+        """Preview on upload or when a setting changes; silent when there is no video yet."""
+        if not video:
+            return gr.skip(), gr.skip()
+        return self.preview(video, bbox_shift, extra_margin, parsing_mode, cheek_width, progress=progress)
+
+    @operator_errors
+    def prepare(
+        self,
+        video: str,
+        name: str,
+        bbox_shift: float,
+        extra_margin: float,
+        parsing_mode: str,
+        cheek_width: float,
+        replace: bool,
+        progress=PROGRESS,
+    ) -> dict:
+        """Prepare an avatar from a video (can take minutes on CPU; `cancel_prepare` stops it).
+
+        Args:
+            video: the video file (one person facing the camera)
+            name: avatar name: letters, digits, '_' and '-'
+            bbox_shift: moves the mouth-mask line down (+) or up (-), in pixels
+            extra_margin: pixels added below the chin
+            parsing_mode: blend mask: jaw, raw or polygon
+            cheek_width: width of the cheek part of the jaw mask
+            replace: replace an existing avatar of this name
+        Returns:
+            the new avatar's manifest (frames, fps, size, parameters, disk size, created)
+        """
+        path = video_path(video)
+        name = validate_name((name or "").strip())
+        if self.store.exists(name) and not replace:
+            raise AvatarError(f"An avatar named {name!r} already exists: tick 'Replace' or pick another name.")
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
+        return self._run_preparation(path, name, settings, progress)
+
+    def _run_preparation(self, path: Path, name: str, settings: PrepareSettings, progress: gr.Progress) -> dict:
+        models = self.wait_models(progress)
+        cancel = self.engine.new_cancel()
+        kept = self.engine.keep_source(path, name)
+        try:
+            manifest = prepare_avatar(
+                models, self.store, kept, name, settings, progress=lambda f, msg: progress(f, desc=msg), cancel=cancel
+            )
+        except PreparationCancelled as exc:
+            raise gr.Error(message(str(exc)), title="Cancelled", print_exception=False) from None
+        finally:
+            self.engine.release_source(kept)
+        gr.Info(f"Avatar {name!r} is ready: {manifest.frame_count} frames.")
+        return manifest_dict(manifest)
+
+    def cancel_prepare(self) -> str:
+        """Cancel the preparation that is running (nothing is written).
+
+        Returns:
+            what happened
+        """
+        if self.engine.cancel_preparation():
+            return "Cancelling: the preparation stops at the next frame; no avatar is written."
+        return "No preparation is running."
+
+    @operator_errors
+    def reprepare_avatar(
+        self,
+        name: str,
+        bbox_shift: float,
+        extra_margin: float,
+        parsing_mode: str,
+        cheek_width: float,
+        video: str | None = None,
+        progress=PROGRESS,
+    ) -> dict:
+        """Prepare an existing avatar again with new settings, from its kept source video.
+
+        Args:
+            name: the avatar to re-prepare
+            bbox_shift: moves the mouth-mask line down (+) or up (-), in pixels
+            extra_margin: pixels added below the chin
+            parsing_mode: blend mask: jaw, raw or polygon
+            cheek_width: width of the cheek part of the jaw mask
+            video: used only when the avatar's source video no longer exists
+        Returns:
+            the avatar's new manifest
+        """
+        if not name:
+            raise AvatarError("Pick an avatar in the library first.")
+        manifest = self.store.manifest(name)
+        source = Path(manifest.source_video) if manifest.source_video else None
+        if source is None or not source.is_file():
+            if not video:
+                raise MediaError(
+                    f"The source video of {name!r} ({manifest.source_video}) no longer exists: upload the video "
+                    "in 'Video' above, then press Re-prepare again."
+                )
+            source = Path(video)
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
+        return self._run_preparation(source, name, settings, progress)
+
+    def list_avatars(self) -> list[dict]:
+        """Every prepared avatar with its manifest (frames, fps, size, parameters, disk size, created, source video).
+
+        Returns:
+            a list of manifests (JSON), sorted by name
+        """
+        return [manifest_dict(m) for m in self.store.list()]
+
+    @operator_errors
+    def rename_avatar(self, name: str, new_name: str) -> str:
+        """Rename an avatar.
+
+        Args:
+            name: the avatar to rename
+            new_name: its new name (letters, digits, '_' and '-')
+        Returns:
+            the new name
+        """
+        if not name:
+            raise AvatarError("Pick an avatar in the library first.")
+        new_name = validate_name((new_name or "").strip())
+        self.store.rename(name, new_name)
+        gr.Info(f"Renamed {name!r} to {new_name!r}.")
+        return new_name
+
+    @operator_errors
+    def delete_avatar(self, name: str) -> str:
+        """Delete an avatar for good (its frames, masks and latents).
+
+        Args:
+            name: the avatar to delete
+        Returns:
+            a confirmation
+        """
+        if not name:
+            raise AvatarError("Pick an avatar in the library first.")
+        self.store.delete(name)
+        self.engine.prune_sources()
+        gr.Info(f"Deleted avatar {name!r}.")
+        return f"Deleted {name}."
+
+    def avatar_dropdown(self, label: str, **kwargs: Any) -> gr.Dropdown:
+        # Custom values are allowed so API callers can name avatars prepared after the page was built;
+        # the actions check the name and say which avatars exist.
+        names = self.store.names()
+        return gr.Dropdown(
+            label=label, choices=names, value=names[0] if names else None, allow_custom_value=True, **kwargs
+        )
+
+    def avatar_choices(self, selected: str | None = None, fallback_first: bool = True):
+        names = self.store.names()
+        value = selected if selected in names else (names[0] if names and fallback_first else None)
+        return gr.Dropdown(choices=names, value=value)
+
+    def refresh_library(self, selected: str | None):
+        manifests = self.list_avatars()
+        names = [m["name"] for m in manifests]
+        gallery = []
+        for m in manifests:
+            thumb = self.store.thumbnail(m["name"])
+            if thumb.is_file():
+                with Image.open(thumb) as img:
+                    gallery.append((img.convert("RGB"), f"{m['name']} · {m['frame_count']} frames"))
+        table = pd.DataFrame(
+            [
+                {
+                    "name": m["name"],
+                    "frames": m["frame_count"],
+                    "seconds": m["seconds"],
+                    "size": f"{m['frame_size'][0]}×{m['frame_size'][1]}",
+                    "bbox_shift": m["preparation"].get("bbox_shift"),
+                    "mask": m["preparation"].get("mask_mode_used"),
+                    "disk": format_bytes(m["disk_bytes"]),
+                    "created": m["created"],
+                }
+                for m in manifests
+            ],
+            columns=["name", "frames", "seconds", "size", "bbox_shift", "mask", "disk", "created"],
+        )
+        value = selected if selected in names else (names[0] if names else None)
+        empty = "No avatars yet: upload a video above, check the preview, then press **Prepare**."
+        return (
+            gallery,
+            table,
+            gr.Dropdown(choices=names, value=value),
+            empty if not names else "",
+        )
+
+    def show_avatar(self, name: str | None):
+        if not name:
+            return "", None, gr.Row(visible=False)
+        try:
+            data = manifest_dict(self.store.manifest(name))
+        except MuseTalkError as exc:
+            return f"**{html.escape(str(exc))}**", None, gr.Row(visible=False)
+        return manifest_markdown(data), data, gr.Row(visible=False)
+
+    def pick_from_gallery(self, evt: gr.SelectData):
+        caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
+        return caption.split(" · ")[0] if caption else gr.skip()
+
+    @operator_errors
+    def load_into_editor(self, name: str | None):
+        if not name:
+            raise AvatarError("Pick an avatar in the library first.")
+        m = manifest_dict(self.store.manifest(name))
+        prep = m["preparation"]
+        video = m["source_video"] if m["source_exists"] else None
+        if video is None:
+            gr.Warning(f"The source video of {name!r} is gone: upload it again to preview.")
+        return (
+            video,
+            name,
+            True,
+            prep.get("bbox_shift", 0),
+            prep.get("extra_margin", 10),
+            prep.get("parsing_mode", "jaw"),
+            prep.get("cheek_width", 90),
+        )
+
+    def confirm_delete(self, name: str | None):
+        if not name:
+            raise gr.Error("Pick an avatar in the library first.", print_exception=False)
+        return gr.Row(visible=True), f"Delete avatar **{name}** for good? Its frames, masks and latents are removed."
+
+
+def build(actions: AvatarActions) -> SimpleNamespace:
+    """The tab's components (inside the caller's `gr.Tabs`)."""
+    with gr.Tab("Avatars", id="avatars") as tab:
+        gr.Markdown(
+            "### 1. Preview\nUpload a few seconds to a minute of one person facing the camera, mouth closed "
+            "or talking. The preview shows how the face will be cut and blended on 4 frames across the clip; "
+            "changing a setting renders it again."
+        )
+        with gr.Row():
+            with gr.Column(scale=2):
+                video = gr.Video(label="Video", sources=["upload", "webcam"], include_audio=True, height=320)
+                bbox_shift = gr.Slider(
+                    -50,
+                    50,
+                    value=0,
+                    step=1,
+                    label="bbox_shift (px)",
+                    info="Moves the mouth-mask line (red): + down, - up. Stay inside the range shown under the preview.",
+                )
+                extra_margin = gr.Slider(
+                    0,
+                    100,
+                    value=10,
+                    step=1,
+                    label="extra_margin (px)",
+                    info="Added below the chin, so the jaw can move.",
+                )
+                parsing_mode = gr.Radio(
+                    [("Jaw (v1.5)", "jaw"), ("Raw face parsing", "raw"), ("Landmark polygon", "polygon")],
+                    value="jaw", label="Blend mask", info="Jaw and raw need the face-parsing weights; without them the polygon is used.",
+                )  # fmt: skip
+                cheek_width = gr.Slider(
+                    0,
+                    256,
+                    value=90,
+                    step=1,
+                    label="Cheek width",
+                    info="Width of the cheek part of the jaw mask.",
+                )
+                preview_btn = gr.Button("Preview", variant="secondary", elem_id="preview-btn")
+            with gr.Column(scale=3):
+                preview_gallery = gr.Gallery(
+                    label="Preview: annotated frame | generated frame",
+                    columns=2,
+                    format="png",
+                    object_fit="contain",
+                )
+                preview_info = gr.Markdown()
+
+        gr.Markdown("### 2. Prepare")
+        with gr.Row():
+            name = gr.Textbox(
+                label="Avatar name",
+                placeholder="e.g. anna_office",
+                info="Letters, digits, '_' and '-'.",
+                scale=3,
+            )
+            replace = gr.Checkbox(label="Replace an avatar of this name", value=False, scale=1)
+        with gr.Row():
+            prepare_btn = gr.Button("Prepare", variant="primary", elem_id="prepare-btn")
+            cancel_btn = gr.Button("Cancel preparation", variant="stop", elem_id="cancel-btn")
+        prepare_note = gr.Markdown(min_height=70)
+        prepared = gr.JSON(label="Prepared avatar", visible=False)
+
+        gr.Markdown("### 3. Library")
+        library_empty = gr.Markdown()
+        library_gallery = gr.Gallery(
+            label="Prepared avatars (click one)",
+            columns=6,
+            height=220,
+            object_fit="contain",
+            allow_preview=False,
+            fit_columns=False,
+        )
+        library_table = gr.Dataframe(label="All avatars", interactive=False, wrap=True)
+        with gr.Row():
+            lib_select = actions.avatar_dropdown("Selected avatar", scale=3)
+            refresh_btn = gr.Button("Refresh", scale=1, elem_id="library-refresh-btn")
+        lib_details = gr.Markdown()
+        with gr.Accordion("Manifest (JSON)", open=False):
+            lib_json = gr.JSON(label="Manifest")
+        with gr.Row():
+            new_name = gr.Textbox(label="New name", scale=3)
+            rename_btn = gr.Button("Rename", scale=1, elem_id="rename-btn")
+        with gr.Row():
+            edit_btn = gr.Button("Load into the editor above", elem_id="edit-btn")
+            reprepare_btn = gr.Button("Re-prepare with the settings above", elem_id="reprepare-btn")
+            delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn")
+        with gr.Row(visible=False) as confirm_row:
+            confirm_text = gr.Markdown()
+            confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete-btn")
+            keep_btn = gr.Button("Keep it", elem_id="keep-btn")
+        avatars_json = gr.JSON(visible=False)
+        renamed = gr.Textbox(visible=False)
+
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "actions"})
+
+
+def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown], refresh_dropdowns) -> None:
+    """Events of the tab; `dropdowns` (the Live and Render avatar pickers) follow the library."""
+    store = actions.store
+    settings_in = [c.video, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width]
+    library_out = [c.library_gallery, c.library_table, c.lib_select, c.library_empty]
+    preview_out = [c.preview_gallery, c.preview_info]
+    hide_confirm = lambda: gr.Row(visible=False)  # noqa: E731
+
+    c.preview_btn.click(
+        actions.preview, settings_in, preview_out,
+        api_name="preview", concurrency_id="preview", concurrency_limit=1,
+    )  # fmt: skip
+    gr.on(
+        [c.video.upload, c.bbox_shift.release, c.extra_margin.release, c.cheek_width.release, c.parsing_mode.input],
+        actions.auto_preview, settings_in, preview_out,
+        api_visibility="private", concurrency_id="preview", concurrency_limit=1, trigger_mode="always_last",
+    )  # fmt: skip
+    c.video.upload(
+        lambda v, n: suggest_name(v, n, store.names()), [c.video, c.name], c.name, api_visibility="private", queue=False
+    )
+
+    def after_prepare(manifest: dict, live_value: str | None, render_value: str | None):
+        note = f"Avatar **{manifest['name']}** is ready ({manifest['frame_count']} frames). Run it in the **Live** tab."
+        live = live_value if live_value in store.names() else manifest["name"]
+        render_pick = render_value if render_value in store.names() else manifest["name"]
+        return (note, *actions.refresh_library(manifest["name"]), *refresh_dropdowns(live, render_pick))
+
+    c.prepare_btn.click(
+        actions.prepare, [c.video, c.name, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.replace], c.prepared,
+        api_name="prepare", concurrency_id="prepare", concurrency_limit=1, show_progress_on=c.prepare_note,
+    ).success(after_prepare, [c.prepared, *dropdowns], [c.prepare_note, *library_out, *dropdowns], api_visibility="private")  # fmt: skip
+    c.cancel_btn.click(
+        actions.cancel_prepare, None, c.prepare_note, api_name="cancel_prepare", concurrency_limit=None, queue=False
+    )
+
+    c.refresh_btn.click(
+        actions.list_avatars, None, c.avatars_json, api_name="list_avatars", concurrency_limit=None
+    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+        refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
+    )
+    details = [c.lib_details, c.lib_json, c.confirm_row]
+    c.lib_select.change(actions.show_avatar, c.lib_select, details, api_visibility="private")
+    c.library_gallery.select(actions.pick_from_gallery, None, c.lib_select, api_visibility="private")
+
+    c.rename_btn.click(actions.rename_avatar, [c.lib_select, c.new_name], c.renamed, api_name="rename_avatar").success(
+        lambda n: ("", *actions.refresh_library(n)), c.renamed, [c.new_name, *library_out], api_visibility="private"
+    ).then(refresh_dropdowns, dropdowns, dropdowns, api_visibility="private")
+    c.delete_btn.click(actions.confirm_delete, c.lib_select, [c.confirm_row, c.confirm_text], api_visibility="private")
+    c.keep_btn.click(hide_confirm, None, c.confirm_row, api_visibility="private")
+    c.confirm_btn.click(actions.delete_avatar, c.lib_select, c.prepare_note, api_name="delete_avatar").then(
+        hide_confirm, None, c.confirm_row, api_visibility="private"
+    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+        refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
+    )
+    editor = [c.video, c.name, c.replace, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width]
+    c.edit_btn.click(actions.load_into_editor, c.lib_select, editor, api_visibility="private").success(
+        actions.auto_preview, settings_in, preview_out, api_visibility="private", concurrency_id="preview", concurrency_limit=1,
+    )  # fmt: skip
+    c.reprepare_btn.click(
+        actions.reprepare_avatar, [c.lib_select, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.video], c.prepared,
+        api_name="reprepare_avatar", concurrency_id="prepare", concurrency_limit=1, show_progress_on=c.prepare_note,
+    ).success(
+        lambda m: f"Avatar **{m['name']}** prepared again ({m['frame_count']} frames).", c.prepared, c.prepare_note,
+        api_visibility="private",
+    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+        actions.show_avatar, c.lib_select, details, api_visibility="private"
+    )  # fmt: skip

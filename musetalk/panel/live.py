@@ -1,0 +1,223 @@
+"""The Live tab: start and stop the live bot (local WebRTC page or a Daily room), its status and plots.
+
+API names: `start_bot`, `stop_bot`, `bot_status`.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import gradio as gr
+import pandas as pd
+
+from musetalk.bot.runner import BotStatus
+from musetalk.bot.transports import DAILY_URL_EXAMPLE, DEFAULT_HOST, DEFAULT_PORT, TransportSettings
+from musetalk.errors import AvatarError, ConfigError, MuseTalkError
+from musetalk.panel.avatars import AvatarActions
+from musetalk.panel.boundary import PROGRESS, operator_errors, scrub
+from musetalk.panel.engine import Engine
+from musetalk.panel.text import SPEECH_MODE_HELP, models_banner, page_view, status_view
+
+
+class LiveActions:
+    """The tab's actions, bound to one engine."""
+
+    def __init__(self, engine: Engine):
+        self.engine = engine
+        self.store = engine.store
+
+    # ------------------------------------------------------------ API: live bot
+    @operator_errors
+    def start_bot(
+        self,
+        avatar: str,
+        transport: str = "local",
+        room_url: str = "",
+        token: str = "",
+        mode: str = "mirror",
+        local_port: float = DEFAULT_PORT,
+        local_host: str = DEFAULT_HOST,
+        progress=PROGRESS,
+    ) -> dict:
+        """Start the live bot (one at a time): on a local WebRTC page, or in a Daily room.
+
+        Args:
+            avatar: a prepared avatar's name
+            transport: "local" (a page on this machine, no account) or "daily"
+            room_url: the Daily room URL (daily only), e.g. https://your-domain.daily.co/room-name
+            token: the Daily meeting token (daily, private rooms); never shown or logged
+            mode: "mirror" (lip-sync whoever speaks); "speech" needs a TTS pipeline built in code
+            local_port: port of the local page (0 = any free port)
+            local_host: address of the local page (127.0.0.1: this machine only)
+        Returns:
+            the bot status (state, url of the local page, ...)
+        """
+        from musetalk.bot.processor import LiveSettings  # imports pipecat: only when a bot starts
+
+        token = (token or "").strip() or None
+        try:
+            if not avatar:
+                raise AvatarError("Pick an avatar (prepare one in the Avatars tab first).")
+            if mode == "speech" and not self.engine.speech_pipeline:
+                raise ConfigError(SPEECH_MODE_HELP)
+            if transport == "daily":
+                settings = TransportSettings(kind="daily", room_url=room_url, token=token)
+            else:
+                port = int(local_port) if local_port is not None else DEFAULT_PORT
+                settings = TransportSettings(
+                    kind=transport or "local",
+                    host=(local_host or DEFAULT_HOST).strip(),
+                    port=port,
+                    ice_servers=self.engine.options.ice_servers,
+                )
+            live = LiveSettings(mode=mode or "mirror")
+            runner = self.engine.runner(
+                on_wait=lambda: progress(0.0, desc="Loading the models (first use after start)")
+            )
+            if runner.running:
+                current = runner.status()
+                raise MuseTalkError(f"The bot is already {current.state} (avatar {current.avatar}); stop it first.")
+            progress(0.5, desc="Starting the bot")
+            self.engine.clear_history()
+            status = runner.start(avatar, settings, live, avatar_store=self.store)
+        except MuseTalkError as exc:
+            if token and token in str(exc):  # the runner scrubs its own errors; this covers the rest
+                raise MuseTalkError(scrub(str(exc), token)) from None
+            raise
+        return status.to_dict()
+
+    @operator_errors
+    def stop_bot(self) -> dict:
+        """Stop the live bot (safe when it is not running).
+
+        Returns:
+            the bot status after stopping
+        """
+        runner = self.engine.existing_runner()
+        if runner is None:
+            return BotStatus().to_dict()
+        return runner.stop().to_dict()
+
+    def bot_status(self) -> dict:
+        """The live bot's status: state, avatar, transport, url, mode, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
+
+        Returns:
+            the status (JSON)
+        """
+        return self.engine.bot_status().to_dict()
+
+    def plots(self):
+        rows = self.engine.history()
+        frame = pd.DataFrame(rows, columns=["uptime_s", "fps", "latency_ms"], dtype=float).round(1)
+        return frame.dropna(subset=["fps"]), frame.dropna(subset=["latency_ms"])
+
+    def refresh_live(self, last_url: str | None):
+        status = self.bot_status()
+        fps_frame, lat_frame = self.plots()
+        page_key = page_view(status)
+        page = gr.skip() if page_key == last_url else page_key
+        return models_banner(self.engine), status_view(status), status, fps_frame, lat_frame, page, page_key
+
+    def show_transport(self, kind: str):
+        return gr.Group(visible=kind == "daily"), gr.Accordion(visible=kind == "local")
+
+    def show_mode(self, mode: str):
+        return gr.Markdown(visible=mode == "speech")
+
+
+def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) -> SimpleNamespace:
+    """The tab's components; on Hugging Face Spaces the transport defaults to a Daily room."""
+    default_transport = "daily" if on_spaces else "local"
+    with gr.Tab("Live", id="live") as tab:
+        with gr.Row():
+            with gr.Column(scale=2):
+                live_avatar = avatars.avatar_dropdown("Avatar")
+                transport = gr.Radio(
+                    [("Local page on this machine (no account)", "local"), ("Daily room", "daily")],
+                    value=default_transport, label="Transport",
+                )  # fmt: skip
+                with gr.Group(visible=on_spaces) as daily_group:
+                    room_url = gr.Textbox(label="Daily room URL", placeholder=DAILY_URL_EXAMPLE)
+                    token = gr.Textbox(
+                        label="Daily token (optional, private rooms)",
+                        type="password",
+                        placeholder="never shown or logged",
+                    )
+                with gr.Accordion("Local page address", open=False, visible=not on_spaces) as local_group:
+                    local_host = gr.Textbox(
+                        label="Host",
+                        value=DEFAULT_HOST,
+                        info="127.0.0.1 = this machine only (microphone allowed); 0.0.0.0 = the network (needs https or an SSH tunnel for the microphone).",
+                    )
+                    local_port = gr.Number(
+                        label="Port",
+                        value=DEFAULT_PORT,
+                        precision=0,
+                        minimum=0,
+                        maximum=65535,
+                        info="0 = any free port.",
+                    )
+                mode = gr.Radio(
+                    [("Mirror: lip-sync whoever speaks", "mirror"), ("Speech from a TTS pipeline", "speech")],
+                    value="mirror", label="Mode",
+                )  # fmt: skip
+                speech_note = gr.Markdown(
+                    ("" if engine.speech_pipeline else "**Not available here.** ") + SPEECH_MODE_HELP,
+                    visible=False,
+                )
+                if on_spaces:
+                    gr.Markdown(
+                        "**Note:** on Hugging Face Spaces your browser cannot reach the local page (WebRTC needs a TURN "
+                        "server there): use a Daily room."
+                    )
+                with gr.Row():
+                    start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
+                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+            with gr.Column(scale=3):
+                status_md = gr.Markdown(status_view(BotStatus().to_dict()), elem_id="bot-status")
+                with gr.Row():
+                    fps_plot = gr.LinePlot(
+                        pd.DataFrame(columns=["uptime_s", "fps"], dtype=float),
+                        x="uptime_s",
+                        y="fps",
+                        y_lim=[0, 30],
+                        title="Frames per second",
+                        x_title="bot uptime (s)",
+                        y_title="fps",
+                        height=200,
+                    )
+                    lat_plot = gr.LinePlot(
+                        pd.DataFrame(columns=["uptime_s", "latency_ms"], dtype=float),
+                        x="uptime_s",
+                        y="latency_ms",
+                        title="Mouth latency",
+                        x_title="bot uptime (s)",
+                        y_title="ms",
+                        height=200,
+                    )
+                with gr.Accordion("Status (JSON)", open=False):
+                    status_json = gr.JSON(label="Status")
+        page_html = gr.HTML()
+
+    return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("engine", "avatars")})
+
+
+def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: gr.Timer, page_key: gr.State) -> None:
+    """Events of the tab; the timer refreshes the banner, the status and the plots once a second."""
+    live_out = [banner, c.status_md, c.status_json, c.fps_plot, c.lat_plot, c.page_html, page_key]
+    c.transport.change(
+        actions.show_transport, c.transport, [c.daily_group, c.local_group], api_visibility="private", queue=False
+    )
+    c.mode.change(actions.show_mode, c.mode, c.speech_note, api_visibility="private", queue=False)
+    c.start_btn.click(
+        actions.start_bot, [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host], c.status_json,
+        api_name="start_bot", concurrency_id="bot_start", concurrency_limit=1, show_progress_on=c.status_md,
+    ).then(actions.refresh_live, page_key, live_out, api_visibility="private")  # fmt: skip
+    c.stop_btn.click(
+        actions.stop_bot, None, c.status_json, api_name="stop_bot", concurrency_limit=None, show_progress_on=c.status_md
+    ).then(actions.refresh_live, page_key, live_out, api_visibility="private")
+    timer.tick(
+        actions.refresh_live, page_key, live_out,
+        api_visibility="private", concurrency_limit=None, show_progress="hidden",
+    )  # fmt: skip
+    gr.api(actions.bot_status, api_name="bot_status", concurrency_limit=None)

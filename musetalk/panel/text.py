@@ -1,0 +1,213 @@
+"""What the panel shows, as Markdown, HTML and table rows; no Gradio (tests read these directly)."""
+
+from __future__ import annotations
+
+import html
+import re
+from dataclasses import asdict
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from musetalk.avatar.store import AvatarManifest
+from musetalk.bot.transports import DEFAULT_PORT
+from musetalk.config import FETCH_COMMAND, PrepareSettings
+from musetalk.errors import MediaError
+from musetalk.weights import format_bytes
+
+if TYPE_CHECKING:
+    from musetalk.panel.engine import Engine
+
+SPEECH_MODE_HELP = (
+    "Speech mode lip-syncs the audio of a TTS service (the avatar speaks an LLM's answers). "
+    "It needs a Pipecat pipeline with speech-to-text, an LLM and a TTS service, built in code: "
+    'put `MuseTalkProcessor(models=..., avatar=..., settings=LiveSettings(mode="speech"))` after '
+    "your TTS service, before `transport.output()` (see `musetalk/bot/pipeline.py`). No TTS pipeline "
+    "is configured in this panel: use Mirror mode here (the avatar lip-syncs whoever speaks in the "
+    "room or on the local page)."
+)
+WEIGHT_COLUMNS = ("file", "part", "kind", "state", "size", "note")
+
+
+def format_duration(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+def prepare_settings(bbox_shift: float, extra_margin: float, parsing_mode: str, cheek_width: float) -> PrepareSettings:
+    return PrepareSettings(
+        bbox_shift=int(bbox_shift),
+        extra_margin=int(extra_margin),
+        parsing_mode=parsing_mode,
+        cheek_width=int(cheek_width),
+    )
+
+
+def video_path(video: Any) -> Path:
+    if isinstance(video, dict):  # a gr.Video payload passed through as a dict
+        video = video.get("video") or video.get("path")
+    if not video:
+        raise MediaError("Upload a video of one person facing the camera first (a few seconds to a minute).")
+    return Path(video)
+
+
+def manifest_dict(manifest: AvatarManifest) -> dict[str, Any]:
+    """A manifest as JSON-able data, plus whether its source video still exists."""
+    data = asdict(manifest)
+    data["frame_size"] = list(manifest.frame_size)
+    data["seconds"] = round(manifest.frame_count / manifest.fps, 2) if manifest.fps else None
+    data["source_exists"] = bool(manifest.source_video) and Path(manifest.source_video).is_file()
+    return data
+
+
+def manifest_markdown(m: dict[str, Any]) -> str:
+    prep = m.get("preparation", {})
+    width, height = m["frame_size"]
+    rows = [
+        ("Frames", f"{m['frame_count']} at {m['fps']} fps ({m['seconds']} s, played as a {m['cycle']} loop)"),
+        ("Size", f"{width} × {height}"),
+        ("bbox_shift", f"{prep.get('bbox_shift')} (range measured on this clip: {prep.get('bbox_shift_range')})"),
+        ("extra_margin", prep.get("extra_margin")),
+        (
+            "Mask",
+            f"{prep.get('parsing_mode')} asked, {prep.get('mask_mode_used')} used; cheek width {prep.get('cheek_width')}",
+        ),
+        ("Frames without a face", len(prep.get("frames_without_face", [])) or "none"),
+        ("Disk", format_bytes(m["disk_bytes"])),
+        ("Created", m["created"]),
+        (
+            "Source video",
+            f"`{m['source_video']}`" + ("" if m["source_exists"] else " (gone: re-prepare needs the video again)"),
+        ),
+        ("Prepared with", prep.get("models", "?")),
+    ]
+    text = f"#### {m['name']}\n\n| Property | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    if m.get("notes"):
+        text += "\n\n" + "\n".join(f"- {note}" for note in m["notes"])
+    return text
+
+
+def suggest_name(video: str | None, current: str, taken: list[str]) -> str:
+    """An avatar name from the file name (letters, digits, '_' and '-'), not already taken."""
+    if current and current.strip():
+        return current
+    if not video:
+        return current
+    stem = re.sub(r"[^A-Za-z0-9_-]+", "_", Path(video).stem).strip("_-") or "avatar"
+    stem = stem[:56]
+    name, n = stem, 2
+    while name in taken:
+        name, n = f"{stem}-{n}", n + 1
+    return name
+
+
+def models_banner(engine: Engine) -> str:
+    """One line above the tabs: models ready, weights being fetched (with progress), loading, or what is wrong."""
+    state, detail = engine.model_state()
+    if state == "ready":
+        return f"**Models ready** ({detail}) · models `{engine.paths.models_dir}` · avatars `{engine.store.root}`"
+    if state == "fetching":
+        return f"**Fetching the weights** into `{engine.paths.models_dir}`: {html.escape(detail or '')} … (the models load when it ends)"
+    if state in ("loading", "idle"):
+        return f"**Loading the models** from `{engine.paths.models_dir}` … (actions wait for them)"
+    return (
+        f"**Models not loaded:** {html.escape(engine.model_problem(detail))} Press **Fetch weights** in the "
+        f"**System** tab (or run `{FETCH_COMMAND}`); the models load when the fetch ends."
+    )
+
+
+def status_view(status: dict) -> str:
+    """The live bot's state, speed and what to do next."""
+    state = status["state"]
+    head = f"Bot: **{state}**"
+    if status.get("avatar"):
+        head += f" · avatar `{status['avatar']}` · {status.get('transport')} · {status.get('mode')}"
+    fps = f"{status['fps']:.1f}" if status.get("fps") is not None else "–"
+    lat = f"{status['mouth_latency_ms']:.0f} ms" if status.get("mouth_latency_ms") is not None else "–"
+    realtime = {True: "yes", False: "no", None: "–"}[status.get("realtime")]
+    viewer = "connected" if status.get("viewer_connected") else "none"
+    lines = [
+        head,
+        "",
+        "| Uptime | FPS | Mouth latency | Frames | Real time | Viewer |",
+        "|---|---|---|---|---|---|",
+        f"| {format_duration(status.get('uptime_s') or 0)} | {fps} | {lat} | {status.get('frames', 0):,} | {realtime} | {viewer} |",
+    ]
+    if status.get("warning"):
+        lines.append(f"\n**Warning:** {html.escape(status['warning'])}")
+    if status.get("last_error"):
+        lines.append(f"\n**Last error:** {html.escape(status['last_error'])}")
+    if state == "stopped" and not status.get("last_error"):
+        lines.append("\nThe bot is stopped. Pick an avatar and press **Start**.")
+    elif state == "running" and not status.get("viewer_connected"):
+        where = (
+            "open the live page below and press Start there"
+            if status.get("transport") == "local"
+            else "join the Daily room"
+        )
+        lines.append(f"\nWaiting for a viewer: {where}.")
+    return "\n".join(lines)
+
+
+def page_view(status: dict) -> str:
+    url = status.get("url")
+    if status.get("transport") != "local" or not url or status["state"] not in ("starting", "running"):
+        return ""
+    safe = html.escape(url)
+    port = urlsplit(url).port or DEFAULT_PORT
+    return (
+        f'<p><b>Live page:</b> <a href="{safe}" target="_blank" rel="noopener">{safe}</a> (opens in a new tab). '
+        "Press Start there and allow the microphone; one viewer at a time. Browsers allow the microphone only "
+        "on https or on localhost / 127.0.0.1, so from another machine use an SSH tunnel "
+        f"(<code>ssh -L {port}:127.0.0.1:{port} user@this-machine</code>) or the Daily transport.</p>"
+        f'<iframe src="{safe}" title="MuseTalk live page" allow="microphone; autoplay" '
+        'style="width:100%;height:640px;border:1px solid #8884;border-radius:8px"></iframe>'
+    )
+
+
+def weight_rows(files: list[dict[str, Any]]) -> list[list[Any]]:
+    """The System tab's weights table: one row per file."""
+    rows = []
+    for f in files:
+        note = f["detail"]
+        if f["state"] != "present" and not f["required"] and f["without"]:
+            note = (note + "; " if note else "") + f"without it: {f['without']}"
+        size = format_bytes(f["size"]) if f["size"] is not None else ""
+        rows.append([f["file"], f["part"], "required" if f["required"] else "optional", f["state"], size, note])
+    return rows
+
+
+def system_markdown(info: dict[str, Any]) -> str:
+    """Device, models, folders and versions, then the weights by part and what to do about missing ones."""
+    gpu = (
+        info["gpu"]
+        or "none (CUDA not available): preparation and render run slowly; the live bot cannot keep real time"
+    )
+    lines = [
+        "| Item | Value |",
+        "|---|---|",
+        f"| Device | {info['device']} |",
+        f"| GPU | {gpu} |",
+        f"| Models | {html.escape(info['models_state'])} |",
+        f"| Models folder | `{info['models_dir']}` |",
+        f"| Avatars folder | `{info['avatars_dir']}` ({info['avatar_count']} avatars) |",
+        "| Versions | " + ", ".join(f"{k} {v}" for k, v in info["versions"].items()) + " |",
+        "",
+        "#### Weights",
+        "",
+        "| Part | Folder | State |",
+        "|---|---|---|",
+    ]
+    for part in info["weights"]:
+        state = "present" if part["present"] else ("**missing**" if part["required"] else "missing (optional)")
+        lines.append(f"| {part['part']} | `{part['folder']}` | {state} |")
+    if info["fetch_errors"]:
+        lines += ["", "Last fetch:", ""] + [f"- {html.escape(line)}" for line in info["fetch_errors"]]
+    if any(not part["present"] and part["required"] for part in info["weights"]):
+        lines.append(
+            f"\n**Press Fetch weights** below (or run `{info['fetch_command']}` in the repository folder); "
+            "the models load when the fetch ends."
+        )
+    else:
+        lines.append(f"\nAll required weights are present (`{info['fetch_command']}` fetches any that go missing).")
+    return "\n".join(lines)

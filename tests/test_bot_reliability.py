@@ -1,0 +1,183 @@
+"""The bot under an operator's load: many start/stop cycles, stop in every state, avatars in use.
+
+Bounds (asserted on counts of live objects and a generous RSS margin, never on speed):
+100 local start/stop cycles (every 10th with a viewer pipeline) leave at most one `Avatar`,
+one `LocalWebRTCServer` and one `MuseTalkProcessor` alive, RSS within 60 MB of the value
+after 10 warm-up cycles (it grew ~20-60 MB per cycle before the page endpoints stopped closing
+over the run), and no extra threads, file descriptors or listening ports.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import threading
+import time
+
+import httpx
+import psutil
+import pytest
+from test_bot_runner import bot_threads, candidate_free_offer, port_is_free, wait_no_new_threads, wait_until
+
+from musetalk.avatar.store import Avatar, AvatarStore
+from musetalk.bot.runner import STOP_GRACE_S, BotRunner
+from musetalk.bot.transports import LocalWebRTCServer, TransportSettings
+
+CYCLES = 100
+WARM_UP = 10
+RSS_BOUND_MB = 60
+UNREACHABLE_ROOM = "https://nonexistent-musetalk-test.daily.co/reliability"
+# Stop answers within its grace period; this only catches a hang (it used to take 10-19 s).
+STOP_HANG_S = STOP_GRACE_S + 4.0
+
+
+def live_count(kind: type) -> int:
+    gc.collect()
+    return sum(1 for obj in gc.get_objects() if type(obj) is kind)
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+def timed_stop(runner: BotRunner):
+    t0 = time.monotonic()
+    status = runner.stop()
+    return status, time.monotonic() - t0
+
+
+def test_hundred_start_stop_cycles_hold_no_memory(models, prepared_avatar):
+    from musetalk.bot.processor import MuseTalkProcessor
+
+    runner = BotRunner(models)
+    process = psutil.Process()
+    offer = candidate_free_offer()
+    before_threads = {t.ident for t in bot_threads()}
+    fds_after_warm_up = rss_after_warm_up = None
+    try:
+        for cycle in range(CYCLES):
+            status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+            assert status.state == "running", (cycle, status)
+            port = int(status.url.rstrip("/").rsplit(":", 1)[1])
+            if cycle % 10 == 5:  # a viewer pipeline too, so its objects are counted as well
+                answer = httpx.post(status.url + "api/offer", json={"sdp": offer, "type": "offer"}, timeout=20)
+                assert answer.status_code == 200, answer.text
+            stopped = runner.stop(timeout=10)
+            assert stopped.state == "stopped" and stopped.last_error is None, (cycle, stopped)
+            assert port_is_free("127.0.0.1", port), f"cycle {cycle}: port {port} still taken"
+            if cycle + 1 == WARM_UP:
+                gc.collect()
+                rss_after_warm_up = process.memory_info().rss
+                fds_after_warm_up = open_fds()
+        gc.collect()
+        grown_mb = (process.memory_info().rss - rss_after_warm_up) / 2**20
+        print(f"\nRSS after {WARM_UP} cycles {rss_after_warm_up / 2**20:.0f} MB, after {CYCLES}: +{grown_mb:.1f} MB")
+        assert live_count(Avatar) <= 1, "avatars of stopped bots are still alive"
+        assert live_count(LocalWebRTCServer) <= 1
+        assert live_count(MuseTalkProcessor) <= 1
+        assert grown_mb < RSS_BOUND_MB
+        assert open_fds() <= fds_after_warm_up + 5
+        assert not wait_no_new_threads(before_threads)
+    finally:
+        runner.stop(timeout=15)
+
+
+def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepared_avatar):
+    """Two Daily bots on an unreachable room side by side (Daily needs ~20 s to give up):
+    one is stopped while it joins, the other is left to fail. Meanwhile a local bot is stopped
+    while starting and while running."""
+    before_threads = {t.ident for t in bot_threads()}
+    joining, failing, local = BotRunner(models), BotRunner(models), BotRunner(models)
+    daily = TransportSettings(kind="daily", room_url=UNREACHABLE_ROOM)
+    try:
+        assert joining.start(prepared_avatar, daily).state == "running"
+        assert failing.start(prepared_avatar, daily).state == "running"
+        status, took = timed_stop(joining)
+        assert status.state == "stopped" and took < STOP_HANG_S, (status, took)
+        assert not joining.running  # a new start is allowed at once
+        assert status.last_error is None  # no invented "did not stop" error
+
+        # Starting: stop from another thread while start() is still on its way.
+        seen = []
+        starter = threading.Thread(
+            target=lambda: seen.append(_start_quietly(local, prepared_avatar)), name="test-starter", daemon=True
+        )
+        starter.start()
+        assert wait_until(lambda: local.status().state == "starting", 10)
+        status, took = timed_stop(local)
+        starter.join(10)
+        assert status.state == "stopped" and took < STOP_HANG_S, (status, took)
+        assert not local.running
+
+        # Running.
+        running = local.start(prepared_avatar, TransportSettings(kind="local", port=0))
+        assert running.state == "running"
+        status, took = timed_stop(local)
+        assert status.state == "stopped" and status.last_error is None and took < STOP_HANG_S
+
+        # The real reasons: the joining bot ends "stopped" with Daily's error kept; the other ends in error.
+        assert wait_until(lambda: failing.status().state == "error", 40), failing.status()
+        assert wait_until(lambda: joining.status().last_error is not None, 40), joining.status()
+        for runner in (joining, failing):
+            error = runner.status().last_error
+            assert error.startswith("Daily: could not use the room " + UNREACHABLE_ROOM), error
+            assert "did not stop" not in error
+        assert joining.status().state == "stopped"
+        # A failed bot, once stopped, reads "stopped" and still says why it failed.
+        after = failing.stop()
+        assert after.state == "stopped" and after.last_error.startswith("Daily: could not use the room")
+        assert joining.join_closing(30) and failing.join_closing(30)
+    finally:
+        for runner in (joining, failing, local):
+            runner.stop(timeout=15)
+            runner.join_closing(30)
+    assert not wait_no_new_threads(before_threads, timeout=15)
+
+
+def _start_quietly(runner: BotRunner, avatar: Avatar):
+    try:
+        return runner.start(avatar, TransportSettings(kind="local", port=0))
+    except Exception as exc:  # stopped during start: start may report it
+        return exc
+
+
+def test_avatar_in_use_names_the_bot(models, prepared_avatar):
+    runner = BotRunner(models)
+    try:
+        assert runner.avatar_in_use(prepared_avatar.name) is None
+        status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+        in_use = runner.avatar_in_use(prepared_avatar.name)
+        assert in_use is not None and "local bot" in in_use and status.url in in_use
+        assert runner.avatar_in_use("someone-else") is None
+    finally:
+        runner.stop(timeout=10)
+    assert runner.avatar_in_use(prepared_avatar.name) is None
+
+
+def test_failed_start_then_stop_reads_stopped(models, avatar_store, prepared_avatar):
+    runner = BotRunner(models)
+    with pytest.raises(Exception, match="No avatar named 'nobody'"):
+        runner.start("nobody", TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+    assert runner.status().state == "error"
+    stopped = runner.stop()
+    assert stopped.state == "stopped" and "No avatar named 'nobody'" in stopped.last_error
+
+
+def test_damaged_avatars_are_listed_with_why(tmp_path, prepared_avatar, avatar_store):
+    import shutil
+
+    store = AvatarStore(tmp_path / "avatars")
+    shutil.copytree(avatar_store.path(prepared_avatar.name), store.root / "good")
+    shutil.copytree(avatar_store.path(prepared_avatar.name), store.root / "truncated")
+    manifest = store.root / "truncated" / "manifest.json"
+    manifest.write_bytes(manifest.read_bytes()[:40])
+    (store.root / "empty").mkdir()
+    (store.root / ".sources").mkdir()  # not an avatar
+
+    assert [m.name for m in store.list()] == ["good"]
+    damaged = {d.name: d.reason for d in store.damaged()}
+    assert set(damaged) == {"truncated", "empty"}
+    assert "unreadable" in damaged["truncated"] and "manifest.json is missing" in damaged["empty"]
+    store.delete("truncated")
+    store.delete("empty")
+    assert store.damaged() == [] and [m.name for m in store.list()] == ["good"]
