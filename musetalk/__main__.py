@@ -1,4 +1,4 @@
-"""Command line: `python -m musetalk prepare|render|list|delete|from-config`.
+"""Command line: `python -m musetalk prepare|reprepare|render|list|delete|from-config`.
 
 Environment: MUSETALK_MODELS_DIR (default ./models), MUSETALK_AVATARS_DIR (default
 ./avatars), MUSETALK_DEVICE (auto|cpu|cuda).
@@ -14,6 +14,7 @@ from pathlib import Path
 from loguru import logger
 
 from musetalk.config import (
+    LANDMARK_CHOICES,
     PrepareSettings,
     avatars_dir_from_env,
     load_realtime_config,
@@ -34,7 +35,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--extra-margin", type=int, default=10, help="pixels added below the chin (v1.5)")
     p.add_argument("--parsing-mode", choices=["jaw", "raw", "polygon"], default="jaw")
     p.add_argument("--cheek-width", type=int, default=90)
-    p.add_argument("--max-side", type=int, default=1280, help="scale larger videos down to this long side")
+    _add_fidelity_flags(p)
+
+    rp = sub.add_parser(
+        "reprepare", help="prepare an avatar again with the current rules, from its source video (old avatars too)"
+    )
+    rp.add_argument("name")
+    rp.add_argument("--video", type=Path, default=None, help="the source video, when the stored one is gone")
+    _add_fidelity_flags(rp)
 
     r = sub.add_parser("render", help="lip-sync an audio file onto an avatar -> mp4")
     r.add_argument("name")
@@ -51,6 +59,18 @@ def build_parser() -> argparse.ArgumentParser:
     c = sub.add_parser("from-config", help="prepare the avatars of a realtime.yaml marked preparation: True")
     c.add_argument("--config", type=Path, default=Path("configs/inference/realtime.yaml"))
     return parser
+
+
+def _add_fidelity_flags(p: argparse.ArgumentParser) -> None:
+    defaults = PrepareSettings()
+    p.add_argument(
+        "--max-side", type=int, default=defaults.max_side,
+        help=f"videos whose long side is larger are scaled down to it (default {defaults.max_side}); smaller stay native",
+    )  # fmt: skip
+    p.add_argument(
+        "--landmarks", choices=LANDMARK_CHOICES, default=defaults.landmarks,
+        help="auto: DWPose (official) when models/dwpose holds its weights, else the offline face mesh",
+    )  # fmt: skip
 
 
 def _progress_bar(total: int, desc: str):
@@ -73,25 +93,58 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     validate_name(args.name)
     settings = PrepareSettings(
         bbox_shift=args.bbox_shift, extra_margin=args.extra_margin, parsing_mode=args.parsing_mode,
-        cheek_width=args.cheek_width, max_side=args.max_side,
+        cheek_width=args.cheek_width, max_side=args.max_side, landmarks=args.landmarks,
     )  # fmt: skip
     models = _load_models()
     bar = _progress_bar(100, "prepare")
+    try:
+        manifest = prepare_avatar(
+            models, AvatarStore(avatars_dir_from_env()), args.video, args.name, settings, progress=_bar_progress(bar)
+        )
+    finally:
+        bar.close()
+    _print_prepared(manifest)
+    return 0
 
+
+def cmd_reprepare(args: argparse.Namespace) -> int:
+    from musetalk.avatar.prepare import reprepare_avatar
+    from musetalk.avatar.store import AvatarStore
+
+    store = AvatarStore(avatars_dir_from_env())
+    old = store.manifest(args.name)  # fails early, before loading models, when there is no such avatar
+    models = _load_models()
+    bar = _progress_bar(100, "reprepare")
+    try:
+        manifest = reprepare_avatar(
+            models, store, args.name, video_path=args.video, progress=_bar_progress(bar),
+            max_side=args.max_side, landmarks=args.landmarks,
+        )  # fmt: skip
+    finally:
+        bar.close()
+    print(f"re-prepared {args.name}: format {old.format_version} -> {manifest.format_version}")
+    _print_prepared(manifest)
+    return 0
+
+
+def _bar_progress(bar):
     def progress(fraction: float, message: str) -> None:
         bar.set_description(message[:40])
         bar.update(100 * fraction - bar.n)
 
-    try:
-        manifest = prepare_avatar(models, AvatarStore(avatars_dir_from_env()), args.video, args.name, settings, progress=progress)
-    finally:
-        bar.close()
+    return progress
+
+
+def _print_prepared(manifest) -> None:
+    from musetalk.avatar.prepare import SOURCE_LABELS
+
+    prep = manifest.preparation
     print(f"avatar {manifest.name}: {manifest.frame_count} frames, {manifest.frame_size[0]}x{manifest.frame_size[1]}")
-    rng = manifest.preparation["bbox_shift_range"]
-    print(f"bbox_shift range for this face: {rng[0]} .. {rng[1]} (used {settings.bbox_shift})")
+    rng = prep["bbox_shift_range"]
+    print(f"bbox_shift range for this face: {rng[0]} .. {rng[1]} (used {prep['bbox_shift']})")
+    print(f"landmarks: {SOURCE_LABELS.get(prep.get('landmark_source'), prep.get('landmark_source'))}")
     for note in manifest.notes:
         print(f"note: {note}")
-    return 0
 
 
 def cmd_render(args: argparse.Namespace) -> int:
@@ -168,6 +221,7 @@ def cmd_from_config(args: argparse.Namespace) -> int:
 
 COMMANDS = {
     "prepare": cmd_prepare,
+    "reprepare": cmd_reprepare,
     "render": cmd_render,
     "list": cmd_list,
     "delete": cmd_delete,

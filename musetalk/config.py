@@ -53,6 +53,11 @@ class ModelPaths:
     def face_landmarks_dir(self) -> Path:
         return self.models_dir / "face-landmarks"
 
+    @property
+    def dwpose(self) -> Path:
+        """DWPose-l ONNX export (optional): the official landmark source."""
+        return self.models_dir / "dwpose" / "dw-ll_ucoco_384.onnx"
+
 
 @dataclass(frozen=True)
 class RuntimeSettings:
@@ -68,6 +73,9 @@ class RuntimeSettings:
             raise ConfigError(f"Unknown dtype {self.dtype!r}: use auto, float16 or float32.")
 
 
+LANDMARK_CHOICES = ("auto", "dwpose", "offline")
+
+
 @dataclass(frozen=True)
 class PrepareSettings:
     """Everything that shapes a prepared avatar; stored in its manifest."""
@@ -76,8 +84,9 @@ class PrepareSettings:
     extra_margin: int = 10
     parsing_mode: str = "jaw"  # jaw | raw | polygon
     cheek_width: int = 90
-    max_side: int = 1280  # frames larger than this (4K...) are scaled down so the long side fits
+    max_side: int = 1920  # frames whose long side is larger (4K...) are scaled down to it; smaller stay native
     max_seconds: float = 60.0  # longer clips are cut: the idle loop never needs more
+    landmarks: str = "auto"  # auto (DWPose when its weights are present, else offline) | dwpose | offline
 
     def __post_init__(self) -> None:
         if self.parsing_mode not in ("jaw", "raw", "polygon"):
@@ -92,6 +101,8 @@ class PrepareSettings:
             raise ConfigError("max_side must be at least 256 pixels.")
         if self.max_seconds <= 0:
             raise ConfigError("max_seconds must be positive.")
+        if self.landmarks not in LANDMARK_CHOICES:
+            raise ConfigError(f"landmarks must be one of {', '.join(LANDMARK_CHOICES)}, not {self.landmarks!r}.")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

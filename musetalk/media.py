@@ -38,23 +38,29 @@ def _check_readable(path: Path) -> None:
 
 
 def _scale_filter(max_side: int) -> str:
-    """Shrink so the long side fits `max_side`, keep the aspect ratio, even sizes for H.264."""
-    even = f"trunc(min(iw,{max_side})/2)*2"
-    even_h = f"trunc(min(ih,{max_side})/2)*2"
-    return f"scale=w='if(gte(iw,ih),{even},-2)':h='if(gte(iw,ih),-2,{even_h})'"
+    """Keep native size unless the long side exceeds `max_side`; then shrink to fit (even sizes).
+
+    An odd native width or height loses its last column or row (a crop, not a resample):
+    H.264 and WebRTC encoders need even sizes.
+    """
+    big = f"gt(max(iw,ih),{max_side})"
+    w = f"if({big},if(gte(iw,ih),{max_side // 2 * 2},-2),iw)"
+    h = f"if({big},if(gte(iw,ih),-2,{max_side // 2 * 2}),ih)"
+    return f"scale=w='{w}':h='{h}',crop=trunc(iw/2)*2:trunc(ih/2)*2:0:0"
 
 
 def read_video(
     path: str | Path,
     *,
     fps: int = VIDEO_FPS,
-    max_side: int = 1280,
+    max_side: int = 1920,
     max_seconds: float | None = None,
 ) -> tuple[list[np.ndarray], VideoInfo]:
     """Decode a video to RGB frames at a constant `fps` (variable-rate input is resampled).
 
-    Rotation metadata (phone videos) is applied; frames larger than `max_side` are scaled
-    down. Returns `(frames, info)`, frames being `(H, W, 3) uint8`.
+    Rotation metadata (phone videos) is applied; frames keep their native size unless the
+    long side exceeds `max_side`, then they are scaled down to it. Returns `(frames, info)`,
+    frames being `(H, W, 3) uint8`.
     """
     path = Path(path)
     _check_readable(path)
@@ -102,26 +108,52 @@ def _explain_decode_failure(path: Path, exc: BaseException) -> str:
 def load_audio(path: str | Path, *, sample_rate: int = AUDIO_SAMPLE_RATE) -> np.ndarray:
     """Decode any audio (or the audio track of a video) to mono float32 at `sample_rate`.
 
-    Returns `(num_samples,) float32` in [-1, 1]. Stereo is averaged, any rate resampled.
+    As the official loader (librosa): samples as float32 at the file's own rate, the mean of
+    the channels, then resampled with soxr high quality. Files libsndfile reads (wav, flac,
+    ogg, mp3, ...) are read directly; others (m4a, video containers) are first decoded by
+    ffmpeg to a float WAV with the same channels and rate. Returns `(num_samples,) float32`.
     """
+    import soundfile as sf
+    import soxr
+
     path = Path(path)
     _check_readable(path)
-    cmd = [
-        imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
-        "-vn", "-ac", "1", "-ar", str(sample_rate), "-f", "f32le", "-",
-    ]  # fmt: skip
-    proc = subprocess.run(cmd, capture_output=True, check=False)
-    err = proc.stderr.decode(errors="replace")
-    if proc.returncode != 0:
-        if "does not contain any stream" in err or "Output file #0 does not contain" in err or "matches no streams" in err:
-            raise MediaError(f"{path} has no audio stream. Use a speech recording (wav, mp3, m4a, ...).")
-        if "Invalid data found" in err or "moov atom not found" in err:
-            raise MediaError(f"{path} is not readable audio (corrupt file or unknown format).")
-        raise MediaError(f"{path} is not readable audio: {' '.join(err.split())[:300]}")
-    audio = np.frombuffer(proc.stdout, dtype=np.float32).copy()
-    if audio.size == 0:
+    try:
+        samples, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    except (sf.LibsndfileError, RuntimeError, TypeError):
+        samples, rate = _decode_with_ffmpeg(path)
+    if samples.size == 0:
         raise MediaError(f"{path} has no audio samples. Use a speech recording (wav, mp3, m4a, ...).")
-    return audio
+    mono = samples.mean(axis=1, dtype=np.float32) if samples.shape[1] > 1 else samples[:, 0]
+    if rate != sample_rate:
+        mono = soxr.resample(mono, rate, sample_rate, quality="HQ")
+    return np.ascontiguousarray(mono, dtype=np.float32)
+
+
+def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
+    """Any container -> (samples (n, channels) float32, sample rate), channels and rate kept."""
+    import tempfile
+
+    import soundfile as sf
+
+    with tempfile.TemporaryDirectory(prefix="musetalk-audio-") as tmp:
+        wav = Path(tmp) / "audio.wav"
+        cmd = [
+            imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(path),
+            "-vn", "-c:a", "pcm_f32le", "-f", "wav", str(wav),
+        ]  # fmt: skip
+        proc = subprocess.run(cmd, capture_output=True, check=False)
+        err = proc.stderr.decode(errors="replace")
+        if proc.returncode != 0:
+            if "does not contain any stream" in err or "Output file #0 does not contain" in err or "matches no streams" in err:
+                raise MediaError(f"{path} has no audio stream. Use a speech recording (wav, mp3, m4a, ...).")
+            if "Invalid data found" in err or "moov atom not found" in err:
+                raise MediaError(f"{path} is not readable audio (corrupt file or unknown format).")
+            raise MediaError(f"{path} is not readable audio: {' '.join(err.split())[:300]}")
+        try:
+            return sf.read(str(wav), dtype="float32", always_2d=True)
+        except (sf.LibsndfileError, RuntimeError) as exc:
+            raise MediaError(f"{path} has no audio samples ({exc}). Use a speech recording (wav, mp3, m4a, ...).") from exc
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> Path:

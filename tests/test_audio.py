@@ -137,3 +137,35 @@ def test_audio_inputs_any_format(media_dir):
     assert abs(len(m4a) - len(mono16)) < 16000 * 0.1  # AAC adds a little padding
     silent = load_audio(media.silence_wav(media_dir / "silent.wav", 1.0, rate=48000))
     assert len(silent) == 16000 and np.count_nonzero(silent) == 0
+
+
+def test_stereo_is_the_mean_of_the_channels_then_16k(tmp_path):
+    """As librosa (the official loader): float samples, mean of the channels, then soxr to 16 kHz.
+
+    Left 0.6 sin(440 Hz), right 0.2 sin(1000 Hz) at 44.1 kHz -> 0.3 sin(440) + 0.1 sin(1000) at
+    16 kHz. A downmix that sums with -3 dB gains (0.707 each) would be 41% louder.
+    """
+    import subprocess
+
+    import imageio_ffmpeg
+    import soundfile as sf
+
+    rate = 44100
+    t = np.arange(2 * rate) / rate
+    left, right = 0.6 * np.sin(2 * np.pi * 440 * t), 0.2 * np.sin(2 * np.pi * 1000 * t)
+    wav = tmp_path / "stereo.wav"
+    sf.write(wav, np.stack([left, right], axis=1).astype(np.float32), rate, subtype="FLOAT")
+    mono = load_audio(wav)
+    assert mono.dtype == np.float32 and len(mono) == 32000
+    t16 = np.arange(32000) / 16000
+    want = 0.3 * np.sin(2 * np.pi * 440 * t16) + 0.1 * np.sin(2 * np.pi * 1000 * t16)
+    middle = slice(1600, 30400)  # away from the resampler's edges
+    assert np.abs(mono[middle] - want[middle]).max() < 2e-3
+    assert abs(np.abs(mono[middle]).max() - np.abs(want[middle]).max()) < 2e-3
+    # a container libsndfile cannot read goes through ffmpeg with its channels kept
+    m4a = tmp_path / "stereo.m4a"
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(wav), "-c:a", "aac", "-b:a", "256k", str(m4a)]
+    subprocess.run(cmd, check=True)
+    decoded = load_audio(m4a)
+    rms = float(np.sqrt(np.mean(decoded[3200:28800] ** 2)))
+    assert abs(rms - np.sqrt(0.3**2 / 2 + 0.1**2 / 2)) < 0.01  # 0.2236: the mean, not a louder downmix

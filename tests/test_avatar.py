@@ -11,6 +11,7 @@ import threading
 import time
 
 import media
+import numpy as np
 import pytest
 
 from musetalk.avatar.prepare import PreparationCancelled, boxes_for, prepare_avatar, track_faces
@@ -238,7 +239,29 @@ def test_unreadable_videos(models, tmp_path, maker, message):
 def test_4k_video_is_scaled(models, tmp_path):
     video = media.astronaut_video(tmp_path / "4k.mp4", seconds=0.4, size=(3840, 2160))
     m = prepare_avatar(models, AvatarStore(tmp_path / "avatars"), video, "uhd")
-    assert m.frame_size == (1280, 720) and m.preparation["source"]["size"] == [3840, 2160]
+    assert m.frame_size == (1920, 1080) and m.preparation["source"]["size"] == [3840, 2160]
+    assert m.preparation["max_side"] == 1920
+
+
+def test_native_size_is_kept_and_odd_sizes_lose_a_row_not_a_resample(tmp_path):
+    """Up to max_side the frames are the decoded pixels; an odd size is cropped to even."""
+    import imageio_ffmpeg
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 255, (361, 641, 3), dtype=np.uint8)
+    src = tmp_path / "noise.png"
+    import cv2
+
+    cv2.imwrite(str(src), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
+    video = tmp_path / "noise.mkv"  # lossless RGB, so decoded pixels equal the image
+    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-loop", "1", "-i", str(src), "-t", "0.2",
+           "-r", "25", "-c:v", "ffv1", "-pix_fmt", "bgr0", str(video)]
+    subprocess.run(cmd, check=True)
+    frames, info = read_video(video)
+    assert info.source_size == (641, 361) and info.size == (640, 360)
+    assert np.array_equal(frames[0], image[:360, :640])
+    small, info = read_video(video, max_side=320)
+    assert info.size == (320, 180)
 
 
 def test_vertical_video(models, tmp_path):
@@ -285,3 +308,70 @@ def test_realtime_yaml_round_trip(tmp_path):
     cfg.write_text("avatar_1: [1, 2\n")
     with pytest.raises(ConfigError, match="YAML"):
         load_realtime_config(cfg)
+
+
+def test_prepare_with_dwpose_landmarks(models, tmp_path, face_video):
+    """With DWPose weights present, `auto` uses them; the manifest says so; boxes follow its points."""
+    from dataclasses import replace
+
+    from tiny_dwpose import write_symmetric_face_dwpose
+
+    from musetalk.config import ModelPaths
+    from musetalk.face.box import face_box
+    from musetalk.face.dwpose import DWPose, dwpose_path
+
+    root = tmp_path / "models"
+    write_symmetric_face_dwpose(dwpose_path(root))
+    with_dwpose = replace(models, paths=ModelPaths(root))
+    frames, _ = read_video(face_video)
+    want = DWPose.from_file(dwpose_path(root)).landmarks68(frames[0])  # constant network: same for every frame
+    m = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "dw",
+                       PrepareSettings(max_seconds=0.4))
+    assert m.preparation["landmark_source"] == "dwpose" and m.format_version == FORMAT_VERSION
+    av = AvatarStore(tmp_path / "avatars").load("dw")
+    box = face_box(want, 0, 10, (512, 512))
+    assert all(tuple(b) == box for b in av.boxes)
+    from musetalk.avatar.preview import preview_video
+
+    shown = preview_video(with_dwpose, face_video, PrepareSettings(max_seconds=0.4), count=2)
+    assert shown.landmark_source == "dwpose" and shown.notes[0].startswith("Landmarks: DWPose")
+    assert shown.frames[0].box == box
+    off = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "mesh",
+                         PrepareSettings(max_seconds=0.4, landmarks="offline"), max_side=384)
+    assert off.preparation["landmark_source"] == "offline"
+    assert off.frame_size == (384, 384) and off.preparation["max_side"] == 384  # the keyword the panel passes
+
+
+def test_old_format_avatar_loads_renders_and_reprepares_from_the_cli(
+    prepared_avatar, avatar_store, tiny_models_dir, models, tmp_path, monkeypatch
+):
+    import shutil
+
+    from musetalk.__main__ import main
+    from musetalk.render import render
+
+    store = AvatarStore(tmp_path / "avatars")
+    shutil.copytree(avatar_store.root / prepared_avatar.name, store.root / "old")
+    path = store.root / "old" / "manifest.json"
+    data = json.loads(path.read_text())
+    data["format_version"] = 1  # written by the earlier rules: no landmark source, 1280 px cap
+    data["preparation"].pop("landmark_source")
+    data["preparation"]["max_side"] = 1280
+    data["preparation"].pop("landmarks")
+    path.write_text(json.dumps(data))
+    old = store.load("old")
+    assert old.manifest.format_version == 1
+    clip = media.speech_wav(tmp_path / "short.wav", "Hi.")
+    result = render(models, old, clip, tmp_path / "old.mp4")
+    assert result.path.is_file() and result.frames > 0
+
+    monkeypatch.setenv("MUSETALK_MODELS_DIR", str(tiny_models_dir))
+    monkeypatch.setenv("MUSETALK_AVATARS_DIR", str(store.root))
+    monkeypatch.setenv("MUSETALK_DEVICE", "cpu")
+    assert main(["reprepare", "old", "--landmarks", "offline"]) == 0
+    new = store.manifest("old")
+    assert new.format_version == FORMAT_VERSION == 2
+    assert new.preparation["landmark_source"] == "offline" and new.preparation["max_side"] == 1920
+    assert new.preparation["bbox_shift"] == data["preparation"]["bbox_shift"]
+    assert store.load("old").manifest.frame_count == data["frame_count"]
+    assert main(["reprepare", "nobody"]) == 2

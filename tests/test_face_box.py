@@ -10,6 +10,7 @@ import pytest
 
 from musetalk.errors import ConfigError, NoFaceError
 from musetalk.face import bbox_shift_range, crop_box, face_box, mask_line_y, nearest_good
+from musetalk.face.box import crop_half_size, cut_square, square_crop_box
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -66,11 +67,15 @@ def test_extra_margin_lowers_the_centre_line_by_half_the_margin():
     assert mask_line_y(box) == 130 + 5
 
 
-def test_rounds_landmarks_before_the_arithmetic():
+def test_truncates_landmarks_before_the_arithmetic():
+    """The official casts landmarks to int32 (129.6 -> 129), where rounding would give 130."""
     lm = synthetic_lm68(nose29=129.6)
-    lm[8, 1] = 200.4
-    # c = 130, chin = 200 -> top 60
-    assert face_box(lm, 0, 0, (400, 300)) == (100, 60, 200, 200)
+    lm[8, 1] = 200.9
+    lm[0, 0] = 100.7
+    lm[:, 0] = np.minimum(lm[:, 0], 199.99)  # right-most points at 199.99
+    # c = 129 (not 130), chin = 200 (not 201) -> half 71, top 58 (rounding: c 130, chin 201 -> top 59)
+    # x: min 100 (100.7 truncated; rounding 101), max 199 (199.99; rounding 200)
+    assert face_box(lm, 0, 0, (400, 300)) == (100, 58, 199, 200)
 
 
 def test_top_clamps_at_frame_top():
@@ -109,9 +114,16 @@ def test_bbox_shift_range_means_over_frames():
     assert bbox_shift_range([a, None, b]) == (-9, 11)
 
 
-def test_bbox_shift_range_rounds():
+def test_bbox_shift_range_truncates():
     a = synthetic_lm68(nose28=119.4, nose29=130, nose30=137.3)
     assert bbox_shift_range([a]) == (-7, 11)
+    # landmarks truncated first: 29 at 130.9 -> 130, 30 at 139.95 -> 139, 28 at 120.99 -> 120
+    b = synthetic_lm68(nose28=120.99, nose29=130.9, nose30=139.95)
+    assert bbox_shift_range([b]) == (-9, 10)
+    # means truncated toward zero: down (9 + 10) / 2 = 9.5 -> 9, up (11 + 12) / 2 = 11.5 -> 11
+    c = synthetic_lm68(nose28=119, nose29=130, nose30=139)
+    d = synthetic_lm68(nose28=118, nose29=130, nose30=140)
+    assert bbox_shift_range([c, d]) == (-9, 11)
 
 
 def test_bbox_shift_range_without_faces():
@@ -120,10 +132,27 @@ def test_bbox_shift_range_without_faces():
 
 
 def test_crop_box_is_square_around_the_box_centre():
-    box = (100, 60, 200, 210)  # w 100, h 150 -> half side int(1.5 * 150 / 2) = 112
+    box = (100, 60, 200, 210)  # w 100, h 150 -> half side int(150 // 2 * 1.5) = int(112.5) = 112
     crop = crop_box(box, (400, 300))
     assert crop == (150 - 112, 135 - 112, 150 + 112, 135 + 112)
     assert crop[2] - crop[0] == crop[3] - crop[1]
+
+
+@pytest.mark.parametrize(
+    ("w", "h", "half"),
+    [
+        (100, 150, 112),  # 150 // 2 = 75 -> 112.5 -> 112
+        (103, 40, 76),  # 103 // 2 = 51 -> 76.5 -> 76 (1.5 * 103 / 2 = 77.25 would give 77)
+        (40, 107, 79),  # 107 // 2 = 53 -> 79.5 -> 79 (80.25 would give 80)
+        (101, 101, 75),  # 50 -> 75.0; here both formulas agree
+        (2, 1, 1),
+    ],
+)
+def test_crop_half_size_halves_first(w, h, half):
+    assert crop_half_size(w, h) == half
+    x0, y0 = 300, 300
+    sq = square_crop_box((x0, y0, x0 + w, y0 + h))
+    assert sq[2] - sq[0] == 2 * half and sq[3] - sq[1] == 2 * half
 
 
 def test_crop_box_is_cut_at_the_frame_edges_and_keeps_the_face_box():
@@ -133,6 +162,21 @@ def test_crop_box_is_cut_at_the_frame_edges_and_keeps_the_face_box():
     assert crop[0] <= box[0] and crop[1] <= box[1] and crop[2] >= box[2] and crop[3] >= box[3]
     right = crop_box((350, 200, 400, 300), (400, 300))
     assert right == (300, 175, 400, 300)
+    # the whole square reaches past the frame; the mask is made on it
+    assert square_crop_box(box) == (25 - 60, 40 - 60, 25 + 60, 40 + 60)
+    assert square_crop_box((350, 200, 400, 300)) == (300, 175, 450, 325)
+
+
+def test_cut_square_is_black_outside_the_frame():
+    frame = np.full((100, 120, 3), 7, np.uint8)
+    frame[0, 0] = (1, 2, 3)
+    out = cut_square(frame, (-40, -10, 60, 90))
+    assert out.shape == (100, 100, 3)
+    assert not out[:, :40].any() and not out[:10].any()  # 40 columns left of the frame, 10 rows above
+    assert tuple(out[10, 40]) == (1, 2, 3)  # frame pixel (0, 0)
+    assert (out[10:, 40:] == frame[:90, :60]).all()
+    inside = cut_square(frame, (10, 20, 30, 40))
+    assert (inside == frame[20:40, 10:30]).all()
 
 
 def test_nearest_good_fills_from_the_nearest_face():
@@ -154,8 +198,8 @@ def test_box_on_real_landmarks(landmarker, astronaut):
     box = face_box(lm, 0, 10, (512, 512))
     x0, y0, x1, y1 = box
     # the box spans the face: cheeks to chin + margin, top above the eyes
-    assert x0 == round(float(lm[:, 0].min())) and x1 == round(float(lm[:, 0].max()))
-    assert y1 == round(float(lm[:, 1].max())) + 10
+    assert x0 == int(lm[:, 0].min()) and x1 == int(lm[:, 0].max())
+    assert y1 == int(lm[:, 1].max()) + 10
     assert y0 < lm[36:48, 1].min()
     # mouth inside the lower half of the box (what MuseTalk regenerates)
     line = mask_line_y(box)

@@ -11,11 +11,13 @@ import torch
 from skimage import data as skdata
 
 from musetalk.errors import ConfigError, MissingWeightsError
+from musetalk.face.box import cut_square, square_crop_box
 from musetalk.face.mask import (
     MaskSettings,
     blend_mask,
     blend_masks_batch,
     blur_kernel_size,
+    frame_blend_masks,
     inpainting_line,
     parsing_to_face_mask,
     polygon_face_mask,
@@ -302,12 +304,12 @@ def test_blur_kernel_matches_official_formula():
     assert all(blur_kernel_size(w) % 2 == 1 for w in range(1, 800))
 
 
-def test_inpainting_line_equals_official_crop_centre():
-    """With the official centred crop, ratio 0.5 of the face box is row int(crop_h * 0.5)."""
+def test_inpainting_line_is_the_face_box_centre_on_the_official_crop():
+    """Row int(crop_h * 0.5) of the official centred square is the face box's centre line."""
     for box in [(175, 80, 280, 200), (10, 11, 110, 140), (3, 7, 60, 58), (0, 1, 33, 34)]:
         crop = crop_box_for(box)
-        in_crop = to_crop(box, crop)
-        assert inpainting_line(in_crop, 0.5) == int((crop[3] - crop[1]) * 0.5)
+        assert crop[1] + inpainting_line(crop[3] - crop[1], 0.5) == (box[1] + box[3]) // 2
+    assert inpainting_line(241, 0.5) == 120 and inpainting_line(240, 0.4) == 96
 
 
 def astronaut_crop(astronaut, face_box):
@@ -376,7 +378,8 @@ def test_bbox_shift_moves_the_boundary_exactly(skin_parser, astronaut, shift):
 
 
 @pytest.mark.parametrize("d", [-5, 1, 6])
-def test_translating_the_box_inside_a_fixed_crop_moves_the_boundary(astronaut, d):
+def test_the_line_follows_the_crop_height_not_a_box_moved_inside_it(astronaut, d):
+    """As the official: the line is row int(crop_h * ratio) of the crop; the box only bounds it."""
     crop, crop_box = astronaut_crop(astronaut, ASTRONAUT_FACE_BOX)
     h, w = crop.shape[:2]
     contour = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float32)
@@ -386,7 +389,8 @@ def test_translating_the_box_inside_a_fixed_crop_moves_the_boundary(astronaut, d
     a = blend_mask(crop, box, settings=s, contour_in_crop=contour, blur=False)
     b = blend_mask(crop, moved, settings=s, contour_in_crop=contour, blur=False)
     rows_a, rows_b = np.flatnonzero(a.any(axis=1)), np.flatnonzero(b.any(axis=1))
-    assert rows_b[0] - rows_a[0] == d and rows_b[-1] - rows_a[-1] == d
+    assert rows_a[0] == rows_b[0] == h // 2
+    assert rows_b[-1] - rows_a[-1] == d
 
 
 def test_polygon_mode_needs_no_parser(astronaut):
@@ -444,3 +448,97 @@ def test_non_finite_weights_are_rejected(tmp_path):
     torch.save(state, path)
     with pytest.raises(MissingWeightsError, match="non-finite values in: cp.arm32.conv_atten.weight"):
         FaceParser.from_pretrained(tmp_path)
+
+
+# --------------------------------------------------------------------------- official v1.5 rules
+
+
+def test_one_skin_pixel_dilates_to_exactly_the_cone():
+    """Centre band: a lone skin pixel at (200, 256) becomes the 33x33 cone, seen from the pixel.
+
+    The kernel's rows 10..20 (offsets -6..+4 from the anchor row 16) hold runs of width
+    2(r-10)+1 and rows 21..32 (offsets +5..+16) runs of width 21. Dilation sets a pixel when
+    skin lies at pixel + offset, so the blob spans rows 200-16 .. 200+6: 21 px wide from 16
+    rows above down to 4 rows above (kernel rows 32..20), then narrowing by 2 per row to a
+    single pixel 6 rows below.
+    """
+    lab = np.zeros((512, 512), np.uint8)
+    lab[200, 256] = 1
+    got = parsing_to_face_mask(lab, "jaw", cheek_width=90) > 0
+    want = np.zeros((512, 512), bool)
+    for d in range(-16, 7):  # row offset from the skin pixel
+        width = 21 if d <= -4 else 2 * (6 - d) + 1
+        want[200 + d, 256 - width // 2 : 256 + width // 2 + 1] = True
+    assert np.array_equal(got, want)
+    assert got.sum() == 13 * 21 + sum(2 * (6 - d) + 1 for d in range(-3, 7))  # 273 + 100
+
+
+def test_cheek_band_erosion_is_a_35_wide_ellipse_twice():
+    """In the cheek band the dilated skin is eroded twice by a 35x3 ellipse: 2 x 17 px per side."""
+    lab = np.zeros((512, 512), np.uint8)
+    lab[100:300, 20:140] = 1  # inside the left cheek band (columns <= 256 - 90)
+    got = parsing_to_face_mask(lab, "jaw", cheek_width=90)
+    # dilation widens the rectangle by 10 px per side (the 21-wide run) -> columns 10..149;
+    # two erosions take 17 px per side each -> columns 44..115
+    cols = np.flatnonzero(got[200])
+    assert (cols[0], cols[-1]) == (10 + 34, 149 - 34)
+    assert len(cols) == 115 - 44 + 1
+    # a lone pixel there (21 px wide after dilation) vanishes entirely
+    lone = np.zeros((512, 512), np.uint8)
+    lone[200, 60] = 1
+    assert not parsing_to_face_mask(lone, "jaw", cheek_width=90).any()
+
+
+class _RecordingParser:
+    """Stands in for BiSeNet: every pixel is skin; remembers what it was shown."""
+
+    def __init__(self):
+        self.seen: list[np.ndarray] = []
+
+    def parse_512(self, batch: np.ndarray) -> np.ndarray:
+        self.seen.append(batch.copy())
+        return np.ones(batch.shape[:3], np.int64)
+
+
+def test_crop_past_the_left_edge_is_parsed_and_blurred_as_the_whole_square():
+    """Face box (0, 100, 160, 260): half side int(160 // 2 * 1.5) = 120, centre (80, 180), so
+    the square is (-40, 60, 200, 300), 40 px past the frame's left edge."""
+    frame = np.full((400, 400, 3), 200, np.uint8)
+    box = (0, 100, 160, 260)
+    parser = _RecordingParser()
+    settings = MaskSettings(mode="raw")
+    regions, masks = frame_blend_masks([frame], [box], settings=settings, parser=parser)
+    assert regions == [(0, 60, 200, 300)]
+    # the parser saw the whole 240x240 square scaled to 512, black in its left 40 columns:
+    # output column j samples input (j + 0.5) * 240 / 512 - 0.5, black while that is <= 39
+    seen = parser.seen[0][0]
+    assert seen.shape == (512, 512, 3)
+    assert seen[:, :84].max() == 0 and 0 < seen[0, 84, 0] < 200 and seen[:, 86:].min() == 200
+    # before cutting: the square's mask is the face box from row int(240 * 0.5) = 120 down,
+    # so its left 40 columns (outside the frame) are black; the blur kernel comes from the
+    # square's width: int(0.1 * 240 // 2 * 2) + 1 = 25
+    hard = blend_masks_batch([cut_square(frame, square_crop_box(box))], [(40, 40, 200, 200)], settings=settings,
+                             parser=parser, blur=False)[0]
+    want = np.zeros((240, 240), np.uint8)
+    want[120:200, 40:200] = 255
+    assert np.array_equal(hard, want) and not hard[:, :40].any()
+    assert blur_kernel_size(240) == 25
+    blurred = cv2.GaussianBlur(want, (25, 25), 0)
+    assert np.array_equal(masks[0], blurred[:, 40:])  # the in-frame part, columns 40.. of the square
+    # the frame's left edge is feathered (black lay beyond it), not solid as a crop cut at the
+    # edge and blurred with mirrored borders would be
+    assert 0 < masks[0][160, 0] < 200
+
+
+def test_parsing_mask_goes_back_to_crop_size_bicubically():
+    """The official resizes the 512x512 mask back with PIL's default for 'L' images, bicubic."""
+    from PIL import Image
+
+    from musetalk.face.mask import _resize_back
+
+    step = np.zeros((512, 512), np.uint8)
+    step[:, 256:] = 255
+    cubic = _resize_back(step, 240, 240)
+    linear = np.asarray(Image.fromarray(step).resize((240, 240), Image.BILINEAR))
+    assert np.array_equal(cubic, np.asarray(Image.fromarray(step).resize((240, 240), Image.BICUBIC)))
+    assert not np.array_equal(cubic, linear)

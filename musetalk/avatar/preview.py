@@ -18,12 +18,14 @@ import torch
 
 from musetalk.audio import AudioFeatureEncoder, positional_encoding
 from musetalk.avatar.prepare import (
+    SOURCE_LABELS,
     FaceTrack,
     _face_notes,
     boxes_for,
     compute_masks,
     effective_mask_settings,
     face_crops,
+    landmark_model,
     track_faces,
 )
 from musetalk.config import PrepareSettings
@@ -60,6 +62,7 @@ class Preview:
     mask_mode: str
     notes: list[str]
     info: VideoInfo
+    landmark_source: str = "offline"  # key of SOURCE_LABELS: which model gave the landmarks
 
 
 def spread(n: int, count: int) -> list[int]:
@@ -106,13 +109,16 @@ class PreviewCache:
 def _analyse(models: Models, video_path, settings: PrepareSettings, count: int, cache: PreviewCache | None) -> _Analysis:
     path = Path(video_path)
     stat = path.stat() if path.is_file() else None
-    key = (str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size, settings.max_side, settings.max_seconds, count, id(models))
+    key = (
+        str(path.resolve()), stat and stat.st_mtime_ns, stat and stat.st_size,
+        settings.max_side, settings.max_seconds, settings.landmarks, count, id(models),
+    )  # fmt: skip
     cached = cache.get(key) if cache is not None else None
     if cached is not None:
         return cached
     frames, info = read_video(video_path, max_side=settings.max_side, max_seconds=settings.max_seconds)
     sample = sorted(set(spread(len(frames), _RANGE_SAMPLES)) | set(spread(len(frames), count)))
-    track = track_faces(models.landmarker, [frames[i] for i in sample])
+    track = track_faces(models.landmarker, [frames[i] for i in sample], dwpose=landmark_model(models, settings.landmarks))
     _face_notes(track, len(sample))  # raises NoFaceError when no sampled frame has a face
     analysis = _Analysis(key, {i: frames[i] for i in sample}, sample, track, len(frames), info)
     if cache is not None:
@@ -164,7 +170,8 @@ def preview_video(
                 mask_line=mask_line_y(boxes[k]),
             )
         )
-    return Preview(out, track.shift_range(), mask_settings.mode, notes, info)
+    notes = [f"Landmarks: {SOURCE_LABELS[track.source]}", *notes]
+    return Preview(out, track.shift_range(), mask_settings.mode, notes, info, track.source)
 
 
 def _generate_silent(models: Models, frames, boxes, crops, masks) -> list[np.ndarray]:

@@ -36,7 +36,12 @@ from loguru import logger
 from musetalk.config import MODEL_VERSION
 from musetalk.errors import AvatarError
 
-FORMAT_VERSION = 1
+# 2: official MuseTalk v1.5 preprocessing (DWPose landmarks when present, truncated landmark
+#    coordinates, masks computed on the whole blending square, cone-kernel jaw masks).
+# 1: earlier rules (rounded landmarks, clamped crops). Same files, so both load and render;
+#    re-preparing (`python -m musetalk reprepare NAME`) rebuilds one with the current rules.
+FORMAT_VERSION = 2
+READABLE_FORMATS = (1, 2)
 _NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,63}")
 _TMP_PREFIX = ".tmp-"
 _OLD_PREFIX = ".old-"
@@ -81,9 +86,10 @@ class AvatarManifest:
         except (OSError, json.JSONDecodeError) as exc:
             raise AvatarError(f"{path} is unreadable ({exc}); delete this avatar and prepare it again.") from exc
         version = data.get("format_version")
-        if version != FORMAT_VERSION:
+        if version not in READABLE_FORMATS:
             raise AvatarError(
-                f"Avatar {path.parent.name} was written in format {version}, this version reads {FORMAT_VERSION}: prepare it again."
+                f"Avatar {path.parent.name} was written in format {version}, this version reads "
+                f"{', '.join(map(str, READABLE_FORMATS))}: prepare it again."
             )
         if data.get("model_version") != MODEL_VERSION:
             raise AvatarError(

@@ -23,29 +23,28 @@ def face_box(lm68: np.ndarray, bbox_shift: int, extra_margin: int, frame_size: t
     """MuseTalk's face box (x0, y0, x1, y1) in integer frame pixels.
 
     ``lm68`` is (68, 2) frame pixels; ``frame_size`` is (width, height). Coordinates are
-    rounded first, then: ``c = lm[29].y + bbox_shift`` (positive = down), ``half = max(y) - c``,
+    cast to integers first as the official code does (int32: truncation toward zero, so
+    129.9 -> 129), then: ``c = lm[29].y + bbox_shift`` (positive = down), ``half = max(y) - c``,
     ``top = max(0, c - half)``, box = (min x, top, max x, max y), and ``extra_margin`` is added
     to the bottom. Everything is clamped to the frame.
 
     Where the inpainting starts: before the margin the box's centre line is exactly
-    ``round(lm[29].y) + bbox_shift``, so ``bbox_shift`` moves it by exactly that many pixels.
+    ``int(lm[29].y) + bbox_shift``, so ``bbox_shift`` moves it by exactly that many pixels.
     The margin then lowers the centre line (`mask_line_y`) by ``extra_margin / 2``, and clamping
     at the top or bottom of the frame moves it too.
     """
-    lm = np.asarray(lm68, dtype=np.float64)
-    if lm.shape != (68, 2):
-        raise ValueError(f"face_box needs (68, 2) landmarks, got shape {lm.shape}")
+    lm = integer_landmarks(lm68)
     width, height = frame_size
-    centre = int(np.rint(lm[29, 1])) + int(bbox_shift)
-    chin = int(np.rint(lm[:, 1].max()))
+    centre = int(lm[29, 1]) + int(bbox_shift)
+    chin = int(lm[:, 1].max())
     if centre >= chin:
         raise ConfigError(
             f"bbox_shift {bbox_shift} moves the mask line to or below the chin; "
             "use a value inside the range shown for this avatar (see bbox_shift_range)."
         )
     top = max(0, 2 * centre - chin)  # centre - (chin - centre)
-    x0 = int(np.rint(lm[:, 0].min()))
-    x1 = int(np.rint(lm[:, 0].max()))
+    x0 = int(lm[:, 0].min())
+    x1 = int(lm[:, 0].max())
     bottom = chin + int(extra_margin)
     x0, x1 = _clamp(x0, width), _clamp(x1, width)
     top, bottom = _clamp(top, height), _clamp(bottom, height)
@@ -55,6 +54,14 @@ def face_box(lm68: np.ndarray, bbox_shift: int, extra_margin: int, frame_size: t
             "use a video where the whole face is inside the picture."
         )
     return x0, top, x1, bottom
+
+
+def integer_landmarks(lm68: np.ndarray) -> np.ndarray:
+    """(68, 2) float landmarks -> (68, 2) int64, truncated toward zero like numpy's int32 cast."""
+    lm = np.asarray(lm68)
+    if lm.shape != (68, 2):
+        raise ValueError(f"expected (68, 2) landmarks, got shape {lm.shape}")
+    return lm.astype(np.float64).astype(np.int32).astype(np.int64)
 
 
 def mask_line_y(box: Sequence[int]) -> int:
@@ -71,35 +78,59 @@ def bbox_shift_range(landmarks: Sequence[np.ndarray | None]) -> tuple[int, int]:
     """The bbox_shift range to offer users: (-mean(lm30.y - lm29.y), +mean(lm29.y - lm28.y)).
 
     Within it the mask line stays between landmarks 28 and 30 (upper nose bridge to nose tip).
-    Frames without landmarks (None) are ignored; means are over the rest, rounded to ints.
+    Frames without landmarks (None) are ignored. As the official code: landmarks truncated to
+    integers, per-frame differences averaged, each mean truncated toward zero.
     """
-    found = [np.asarray(lm, dtype=np.float64) for lm in landmarks if lm is not None]
+    found = [integer_landmarks(lm) for lm in landmarks if lm is not None]
     if not found:
         raise NoFaceError("No face landmarks to compute the bbox_shift range from: no frame has a face.")
     stack = np.stack(found)  # (N, 68, 2)
     down = float(np.mean(stack[:, 30, 1] - stack[:, 29, 1]))
     up = float(np.mean(stack[:, 29, 1] - stack[:, 28, 1]))
-    return -round(down), round(up)
+    return -int(down), int(up)
+
+
+def crop_half_size(width: int, height: int, expand: float = 1.5) -> int:
+    """Half side of the blending square: ``int(max(w, h) // 2 * expand)`` (integer halving first)."""
+    return int(max(int(width), int(height)) // 2 * expand)
+
+
+def square_crop_box(box: Sequence[int]) -> Box:
+    """MuseTalk's blending square around a face box, in frame pixels; it may reach past the frame.
+
+    Centre ``((x0 + x1) // 2, (y0 + y1) // 2)``, half side `crop_half_size`. The blend mask is
+    computed on this whole square (black outside the frame), as the official code does.
+    """
+    x0, y0, x1, y1 = (int(v) for v in box)
+    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
+    half = crop_half_size(x1 - x0, y1 - y0)
+    return cx - half, cy - half, cx + half, cy + half
 
 
 def crop_box(box: Sequence[int], frame_size: tuple[int, int]) -> Box:
-    """Blending crop around a face box: a square of half side ``int(1.5 * max(w, h) / 2)``.
+    """The part of `square_crop_box` inside the frame: the region the blend may change.
 
-    Centred on the face box centre (integer), as MuseTalk does. Clamping: the square is
-    intersected with the frame, so near a frame edge the crop is cut there and is no longer
-    square (MuseTalk instead pads outside the frame with black, which never reaches the
-    output). The face box is always inside the crop, since it is inside the frame.
+    Pasting the square through its mask changes only in-frame pixels, so storing this
+    region and the matching part of the square's mask gives the same frames. The face box
+    is always inside it, since it is inside the frame.
     """
-    x0, y0, x1, y1 = (int(v) for v in box)
     width, height = frame_size
-    cx, cy = (x0 + x1) // 2, (y0 + y1) // 2
-    half = int(1.5 * max(x1 - x0, y1 - y0) / 2)
-    return (
-        _clamp(cx - half, width),
-        _clamp(cy - half, height),
-        _clamp(cx + half, width),
-        _clamp(cy + half, height),
-    )
+    sx0, sy0, sx1, sy1 = square_crop_box(box)
+    return _clamp(sx0, width), _clamp(sy0, height), _clamp(sx1, width), _clamp(sy1, height)
+
+
+def cut_square(frame: np.ndarray, square: Sequence[int]) -> np.ndarray:
+    """(H, W, C) frame -> the `square` region as an image, black where it lies outside the frame.
+
+    The same pixels as PIL's ``Image.crop`` of a box reaching past the image.
+    """
+    x0, y0, x1, y1 = (int(v) for v in square)
+    h, w = frame.shape[:2]
+    out = np.zeros((y1 - y0, x1 - x0) + frame.shape[2:], dtype=frame.dtype)
+    fx0, fy0, fx1, fy1 = max(x0, 0), max(y0, 0), min(x1, w), min(y1, h)
+    if fx0 < fx1 and fy0 < fy1:
+        out[fy0 - y0 : fy1 - y0, fx0 - x0 : fx1 - x0] = frame[fy0:fy1, fx0:fx1]
+    return out
 
 
 def nearest_good(boxes: list[T | None]) -> list[T]:

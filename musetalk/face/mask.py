@@ -1,9 +1,10 @@
 """MuseTalk v1.5 blend masks: where the generated lower face replaces the original crop.
 
-Computed once per avatar frame at preparation, at crop-box size. The steps follow the
-official blending: a face mask (BiSeNet parsing, or a landmark polygon when the parsing
-weights are absent), kept only inside the face box and only from the inpainting line down,
-then a Gaussian blur whose kernel is about a tenth of the crop width.
+Computed once per avatar frame at preparation. The steps follow the official blending: the
+blending square is cut from the frame (black outside it), a face mask is made on it (BiSeNet
+parsing resized back bicubically, or a landmark polygon when the parsing weights are absent),
+kept only inside the face box and only from the inpainting line down, then blurred with a
+Gaussian whose kernel is about a tenth of the square's width; the in-frame part is stored.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import numpy as np
 from PIL import Image
 
 from musetalk.errors import ConfigError
+from musetalk.face.box import crop_box, cut_square, square_crop_box
 from musetalk.face.parsing import (
     LOWER_LIP,
     MOUTH,
@@ -52,28 +54,34 @@ class MaskSettings:
             raise ConfigError(f"upper_boundary_ratio must be within 0..1, got {self.upper_boundary_ratio}")
 
 
-# Jaw-mode structuring elements, in 512-px parsing space (the face fills ~2/3 of the crop, so
-# the face is ~340 px wide there).
-# - Dilation: OpenCV sets pixel p when skin lies at p + offset for some kernel offset, so the
-#   upper half of a radius-10 disk grows the skin up to 10 px down and sideways: the pasted
-#   chin still covers a jaw that opens lower than the original one. A full radius-5 disk adds
-#   5 px upward growth and closes small gaps (lip corners, nostril rims).
-# - Erosion: a flat 31x3 ellipse applied twice pulls the mask ~30 px in from the face sides
+# Jaw-mode structuring elements of MuseTalk v1.5, in 512-px parsing space.
+# - Dilation: a 33x33 "cone" anchored at its centre (16, 16). Rows 0-9 are empty; row r in
+#   10..20 holds a centred run of width 2(r - 10) + 1; rows 21..32 a centred run of width 21.
+#   OpenCV sets pixel p when skin lies at p + (offset - anchor) for a kernel offset, so skin
+#   grows 16 px up (as a 21-px-wide band) and 6 px down (narrowing to a point): the pasted
+#   chin covers a jaw that opens lower than the original one.
+# - Erosion: a flat 35x3 ellipse applied twice pulls the mask ~34 px in from the face sides
 #   (only ~2 px vertically) in the cheek bands, so the face outline, hair and background at
 #   the cheeks stay original and the blur seam lands on smooth skin.
+CONE_HEIGHT = 21
+CONE_TAIL = 12
+
+
 @cache
 def _jaw_dilation_kernel() -> np.ndarray:
-    r_down, r_all = 10, 5
-    kernel = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_down + 1, 2 * r_down + 1))
-    kernel[r_down + 1:] = 0  # keep the offsets at and above the anchor: growth downward
-    small = cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (2 * r_all + 1, 2 * r_all + 1))
-    kernel[r_down - r_all:r_down + r_all + 1, r_down - r_all:r_down + r_all + 1] |= small
+    size = CONE_HEIGHT + CONE_TAIL  # 33
+    centre = size // 2  # 16
+    kernel = np.zeros((size, size), np.uint8)
+    first = CONE_HEIGHT // 2  # 10: the first non-empty row
+    for row in range(first, size):
+        half = min(row - first, CONE_HEIGHT // 2)  # run of width 2 * half + 1, at most 21
+        kernel[row, centre - half : centre + half + 1] = 1
     return kernel
 
 
 @cache
 def _cheek_erosion_kernel() -> np.ndarray:
-    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (31, 3))
+    return cv2.getStructuringElement(cv2.MORPH_ELLIPSE, (35, 3))
 
 
 _CHEEK_ERODE_ITERATIONS = 2
@@ -122,24 +130,21 @@ def blur_kernel_size(crop_width: int) -> int:
     return int(0.1 * crop_width // 2 * 2) + 1
 
 
-def inpainting_line(face_box_in_crop: Box, upper_boundary_ratio: float) -> int:
-    """First crop row of the talking area: `ratio` of the way down the face box.
+def inpainting_line(crop_height: int, upper_boundary_ratio: float) -> int:
+    """First crop row of the talking area: ``int(crop_height * ratio)``, as the official.
 
-    The official takes `int(crop_height * ratio)`; with its crop (a square centred on the face
-    box) and ratio 0.5 that is the same row, the face box centre line, where the UNet's masked
-    lower half starts. Measuring it on the face box keeps it right for crops clamped at the
-    frame edge.
+    On MuseTalk's square crop (centred on the face box) and ratio 0.5 this is the face box's
+    centre line, where the UNet's masked lower half starts.
     """
-    _, y0, _, y1 = face_box_in_crop
-    return int(y0) + int((int(y1) - int(y0)) * upper_boundary_ratio)
+    return int(int(crop_height) * upper_boundary_ratio)
 
 
 def restrict_to_talking_area(face_mask: np.ndarray, face_box_in_crop: Box,
                              upper_boundary_ratio: float = 0.5) -> np.ndarray:
     """(h,w) uint8 -> copy that is zero outside the face box and above the inpainting line."""
     h, w = face_mask.shape
-    x0, y0, x1, y1 = (round(float(v)) for v in face_box_in_crop)
-    top = max(inpainting_line((x0, y0, x1, y1), upper_boundary_ratio), y0, 0)
+    x0, y0, x1, y1 = (int(v) for v in face_box_in_crop)
+    top = max(inpainting_line(h, upper_boundary_ratio), y0, 0)
     out = np.zeros_like(face_mask)
     xa, xb = max(x0, 0), min(x1, w)
     yb = min(y1, h)
@@ -154,6 +159,11 @@ def _finish(face_mask: np.ndarray, face_box_in_crop: Box, settings: MaskSettings
         k = blur_kernel_size(mask.shape[1])
         mask = cv2.GaussianBlur(mask, (k, k), 0)
     return mask
+
+
+def _resize_back(face512: np.ndarray, width: int, height: int) -> np.ndarray:
+    """(512,512) uint8 mask -> (height,width), bicubic as PIL's default resize of an 'L' image."""
+    return np.asarray(Image.fromarray(face512).resize((width, height), Image.BICUBIC))
 
 
 def _resize_for_parsing(crop_rgb: np.ndarray) -> np.ndarray:
@@ -180,7 +190,9 @@ def blend_masks_batch(
 ) -> list[np.ndarray]:
     """Blend masks for many crops (sizes may differ), parsing them in shared forward passes.
 
-    Returns one (h_i,w_i) uint8 alpha mask per crop; see `blend_mask`.
+    Each crop should be MuseTalk's whole square (`square_crop_box`, black outside the frame):
+    the parser, the inpainting line and the blur all see the square. Returns one (h_i,w_i)
+    uint8 alpha mask per crop; see `blend_mask`.
     """
     crops = [_check_crop(c) for c in crops_rgb]
     if len(face_boxes_in_crop) != len(crops):
@@ -199,7 +211,7 @@ def blend_masks_batch(
             for crop, lab, box in zip(chunk, labels, face_boxes_in_crop[start:start + _PARSE_CHUNK]):
                 h, w = crop.shape[:2]
                 face512 = parsing_to_face_mask(lab, settings.mode, settings.cheek_width)
-                face = cv2.resize(face512, (w, h), interpolation=cv2.INTER_LINEAR)
+                face = _resize_back(face512, w, h)
                 masks.append(_finish(face, box, settings, blur))
         return masks
     # polygon mode: landmarks only
@@ -229,3 +241,34 @@ def blend_mask(
         [crop_rgb], [face_box_in_crop], settings=settings, parser=parser,
         contours_in_crop=None if contour_in_crop is None else [contour_in_crop], blur=blur,
     )[0]
+
+
+def frame_blend_masks(
+    frames: Sequence[np.ndarray],
+    boxes: Sequence[Box],
+    *,
+    settings: MaskSettings,
+    parser: FaceParser | None = None,
+    contours: Sequence[np.ndarray] | None = None,
+) -> tuple[list[Box], list[np.ndarray]]:
+    """Official v1.5 blend masks for whole frames: (crop boxes, masks cut to them).
+
+    For each (H,W,3) frame and face box: the blending square (`square_crop_box`) is cut
+    from the frame with black outside it, parsed, limited and blurred at square size; the
+    part of the mask inside the frame is returned with its frame region (`crop_box`), which
+    is exactly what pasting the square changes. `contours` (K,2) are in frame pixels
+    (polygon mode only).
+    """
+    squares = [square_crop_box(b) for b in boxes]
+    regions = [crop_box(b, (f.shape[1], f.shape[0])) for f, b in zip(frames, boxes)]
+    crops = [cut_square(f, sq) for f, sq in zip(frames, squares)]
+    in_square = [(b[0] - sq[0], b[1] - sq[1], b[2] - sq[0], b[3] - sq[1]) for b, sq in zip(boxes, squares)]
+    shifted = None
+    if contours is not None:
+        shifted = [np.asarray(c, np.float32) - np.array(sq[:2], np.float32) for c, sq in zip(contours, squares)]
+    full = blend_masks_batch(crops, in_square, settings=settings, parser=parser, contours_in_crop=shifted)
+    masks = [
+        np.ascontiguousarray(m[r[1] - sq[1] : r[3] - sq[1], r[0] - sq[0] : r[2] - sq[0]])
+        for m, r, sq in zip(full, regions, squares)
+    ]
+    return regions, masks
