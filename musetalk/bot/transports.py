@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import json
 import re
 import socket
@@ -247,7 +248,7 @@ class LocalWebRTCServer:
 
     Usage (inside a coroutine): `await server.start()` binds the port (raising a readable
     `MuseTalkError` if it is taken), `server.url` is the page, `await server.stop()` closes
-    every peer connection and frees the port. `on_connection(connection)` is awaited for each
+    every peer connection and frees the port. `on_connection(connection, request_data=...)` is awaited for each
     new browser connection, before the SDP answer goes back; it starts that viewer's pipeline.
     `status()` feeds `GET /api/status` (shown on the page) and must hold no secrets.
     """
@@ -255,7 +256,7 @@ class LocalWebRTCServer:
     def __init__(
         self,
         settings: TransportSettings,
-        on_connection: Callable[[SmallWebRTCConnection], Awaitable[None]],
+        on_connection: Callable[..., Awaitable[None]],
         *,
         status: Callable[[], dict[str, Any]] | None = None,
     ):
@@ -319,7 +320,7 @@ class LocalWebRTCServer:
             exc = self._serve_task.exception()
             self._socket.close()
             raise MuseTalkError(f"The local page server failed to start: {exc}")
-        logger.info("Local page: open {} in a browser (one viewer at a time)", self.url)
+        logger.info("Local page: open {} in a browser (every viewer gets its own session)", self.url)
 
     async def disconnect_all(self) -> None:
         """Close every browser peer connection."""
@@ -423,7 +424,9 @@ async def _offer(request: Request):
     try:
         webrtc_request = SmallWebRTCRequest.from_dict({k: data[k] for k in keys if k in data})
         return await page._handler.handle_web_request(
-            request=webrtc_request, webrtc_connection_callback=page._on_connection
+            request=webrtc_request,
+            # The page's `?avatar=NAME` travels in request_data; each viewer may pick its own avatar.
+            webrtc_connection_callback=functools.partial(page._on_connection, request_data=webrtc_request.request_data),
         )
     except HTTPException:
         raise

@@ -7,6 +7,8 @@
 
 const $ = (id) => document.getElementById(id);
 const video = $("avatar");
+// `?avatar=NAME` picks another prepared avatar for this viewer (each viewer has its own session).
+const chosenAvatar = new URLSearchParams(window.location.search).get("avatar") || null;
 const startButton = $("start");
 const stopButton = $("stop");
 
@@ -70,7 +72,7 @@ async function pollStatus() {
     const response = await fetch("/api/status", { cache: "no-store" });
     if (!response.ok) return;
     const s = await response.json();
-    $("avatar-name").textContent = s.avatar || "-";
+    $("avatar-name").textContent = chosenAvatar || s.avatar || "-";
     $("bot-fps").textContent = s.fps == null ? "-" : `${s.fps.toFixed(1)} fps${s.realtime === false ? " (not real time)" : ""}`;
     $("bot-latency").textContent = s.mouth_latency_ms == null ? "-" : `${Math.round(s.mouth_latency_ms)} ms`;
     $("warning").textContent = s.warning || "";
@@ -154,7 +156,11 @@ async function start() {
     const response = await fetch("/api/offer", {
       method: "POST",
       headers: { "Content-Type": "application/json" },
-      body: JSON.stringify({ sdp: pc.localDescription.sdp, type: pc.localDescription.type }),
+      body: JSON.stringify({
+        sdp: pc.localDescription.sdp,
+        type: pc.localDescription.type,
+        request_data: { avatar: chosenAvatar },
+      }),
     });
     if (!response.ok) {
       let detail = await response.text();

@@ -1,0 +1,574 @@
+"""One live bot from start to stop: its thread, its event loop, its transport and its sessions.
+
+`BotRun` is driven by `BotRunner` (musetalk/bot/runner.py), which may hold many of them. In the
+bot's thread runs its own asyncio loop; in it:
+
+* local transport: the page server (`LocalWebRTCServer`, uvicorn in this loop) waits for
+  browsers; every viewer gets its own pipeline and its own session on the shared generation
+  service (`?avatar=NAME` on the page picks another prepared avatar). A viewer whose pipeline
+  fails ends alone; the others go on.
+* Daily transport: one pipeline joined to the room; a Daily error (unreachable room, bad
+  token) ends the bot in state "error" with a readable message.
+
+A pipeline is `build_pipeline(transport, MuseTalkProcessor)` run by a `PipelineWorker` on its
+own `WorkerRunner(handle_sigint=False)` (signals belong to the main thread). Other threads
+only reach the loop through `asyncio.run_coroutine_threadsafe` / `call_soon_threadsafe`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import threading
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from musetalk.avatar.store import Avatar, AvatarStore, validate_name
+from musetalk.bot.transports import LocalWebRTCServer, TransportSettings, make_daily_transport, make_local_transport
+from musetalk.config import AUDIO_SAMPLE_RATE
+from musetalk.errors import CapacityError, MuseTalkError
+
+if TYPE_CHECKING:
+    from musetalk.bot.processor import LiveSettings, MuseTalkProcessor
+    from musetalk.live.service import GenerationService
+    from musetalk.models import Models
+
+STATES = ("stopped", "starting", "running", "stopping", "error")
+_SESSION_END_TIMEOUT_S = 5.0
+_STATS_TIMEOUT_S = 0.5
+_DAILY_JOIN_SETTLE_S = 30.0  # a stopped bot still waits this long for its join to succeed or fail
+_DAILY_SESSION = "daily"
+
+
+@dataclass(frozen=True)
+class BotStatus:
+    """What the operator sees of one bot. Never holds the Daily token."""
+
+    state: str = "stopped"  # stopped | starting | running | stopping | error
+    avatar: str | None = None
+    transport: str | None = None  # local | daily
+    url: str | None = None  # the local page, when local
+    mode: str | None = None  # mirror | speech
+    viewer_connected: bool = False
+    uptime_s: float = 0.0
+    fps: float | None = None
+    frames: int = 0
+    mouth_latency_ms: float | None = None
+    realtime: bool | None = None
+    warning: str | None = None
+    last_error: str | None = None
+    bot_id: str | None = None
+    viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
+    room_url: str | None = None  # the Daily room (no token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _CombinedStats:
+    """Several viewers' `LiveStats` as one status line: mean fps, summed frames, worst latency."""
+
+    fps: float | None
+    frames: int
+    mouth_latency_ms: float | None
+    realtime: bool | None
+    warning: str | None
+
+
+def combine_stats(stats: list[Any]) -> _CombinedStats | None:
+    if not stats:
+        return None
+    fps = [s.fps for s in stats if getattr(s, "fps", None) is not None]
+    latency = [s.mouth_latency_ms for s in stats if getattr(s, "mouth_latency_ms", None) is not None]
+    realtime = [s.realtime for s in stats if getattr(s, "realtime", None) is not None]
+    warning = next((s.warning for s in stats if getattr(s, "warning", None)), None)
+    return _CombinedStats(
+        fps=round(sum(fps) / len(fps), 2) if fps else None,
+        frames=sum(int(getattr(s, "frames", 0) or 0) for s in stats),
+        mouth_latency_ms=max(latency) if latency else None,
+        realtime=all(realtime) if realtime else None,
+        warning=warning,
+    )
+
+
+@dataclass
+class _Session:
+    """One pipeline: a local viewer's connection, or the Daily room."""
+
+    key: str
+    processor: MuseTalkProcessor
+    worker: Any  # PipelineWorker
+    runner: Any  # WorkerRunner
+    connection: Any = None  # SmallWebRTCConnection (local only)
+    task: asyncio.Task | None = None
+    viewer: bool = False  # a local viewer: its failure ends only this session
+
+
+def readable(exc: BaseException) -> str:
+    text = str(exc).strip()
+    if isinstance(exc, MuseTalkError) and text:
+        return text
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+
+
+class BotRun:
+    """Everything of one start() .. stop(): the thread, its loop, the server and the sessions."""
+
+    def __init__(
+        self,
+        models: Models,
+        settings: TransportSettings,
+        live: LiveSettings,
+        avatar_name: str | None,
+        *,
+        bot_id: str,
+        service: GenerationService | None = None,
+        avatar_store: AvatarStore | None = None,
+    ) -> None:
+        self.models = models
+        self.settings = settings
+        self.live = live
+        self.bot_id = bot_id
+        self.service = service
+        self.store = avatar_store
+        self.avatar: Avatar | None = None
+        self.avatar_name = avatar_name
+        self._lock = threading.Lock()
+        self.state = "starting"
+        self.error: str | None = None
+        self.warning: str | None = None
+        self.url: str | None = None
+        self.running_since: float | None = None
+        self.ended_at: float | None = None
+        self.participants = 0  # Daily participants other than the bot
+        self.stop_requested = False
+        self.failed = False  # an error ended it (not an operator's stop): the final state is "error"
+        self.detached = False  # stop() answered already; the thread finishes its teardown on its own
+        self.started = threading.Event()  # set once running, or once it failed
+        self.thread: threading.Thread | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
+        self.sessions: dict[str, _Session] = {}
+        self._viewer_avatars: dict[str, Avatar] = {}  # avatars viewers asked for with ?avatar=NAME
+        self._stop_event: asyncio.Event | None = None
+        self._last_stats: Any = None
+
+    # ---------------------------------------------------------------- thread-safe state
+    @property
+    def alive(self) -> bool:
+        """Starting, running or stopping (the thread sets the final state as its very last step)."""
+        with self._lock:
+            return self.state in ("starting", "running", "stopping")
+
+    @property
+    def session(self) -> _Session | None:
+        """The newest session (the Daily pipeline, or the last viewer to connect)."""
+        sessions = list(self.sessions.values())
+        return sessions[-1] if sessions else None
+
+    def avatar_names(self) -> set[str]:
+        """Every avatar this bot shows: its own and those its viewers picked."""
+        return {self.avatar_name, *self._viewer_avatars} - {None}
+
+    def scrub(self, text: str) -> str:
+        token = self.settings.token
+        return text.replace(token, "***") if token else text
+
+    def fail(self, message: str) -> None:
+        """Record the first error and end the run (callable from any thread).
+
+        An error that arrives after the operator asked to stop (a Daily join failing while it is
+        torn down) is kept as `last_error`, but the run still ends "stopped": that is what was asked.
+        """
+        message = self.scrub(message)
+        with self._lock:
+            if self.error is None:
+                self.error = message
+            if not self.stop_requested:
+                self.failed = True
+        logger.error("Bot {} error: {}", self.bot_id, message)
+        self.request_stop()
+
+    def end(self, state: str, error: str | None = None) -> None:
+        """Final state of a run that never got its thread going."""
+        with self._lock:
+            self.state = state
+            self.error = self.error or error
+            self.failed = state == "error"
+        self.started.set()
+
+    def detach(self) -> None:
+        """Answer "stopped" now; the thread goes on closing what it holds (a Daily call that is
+        still joining cannot be released sooner) and then ends by itself."""
+        with self._lock:
+            if self.state in ("starting", "running", "stopping"):
+                self.detached = True
+                self.state = "error" if self.failed else "stopped"
+                self.ended_at = time.monotonic()
+        self.started.set()
+
+    def acknowledge(self) -> None:
+        """A stop of a run that already ended in error: the state becomes "stopped" (the error stays readable)."""
+        with self._lock:
+            if self.state == "error":
+                self.state = "stopped"
+                self.failed = False
+
+    def request_stop(self) -> None:
+        with self._lock:
+            self.stop_requested = True
+            if self.state in ("starting", "running"):
+                self.state = "stopping"
+            loop, event = self.loop, self._stop_event
+        if loop is not None and event is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):  # the loop closed in between: nothing left to stop
+                loop.call_soon_threadsafe(event.set)
+
+    def snapshot(self, stats: Any) -> BotStatus:
+        with self._lock:
+            end = self.ended_at or time.monotonic()
+            uptime = end - self.running_since if self.running_since else 0.0
+            warning = self.warning
+            if stats is not None and getattr(stats, "warning", None):
+                warning = stats.warning if not warning else f"{stats.warning}; {warning}"
+            alive = self.state in ("starting", "running", "stopping")
+            viewers = (self.participants if self.settings.kind == "daily" else len(self.sessions)) if alive else 0
+            return BotStatus(
+                state=self.state,
+                avatar=self.avatar_name,
+                transport=self.settings.kind,
+                url=self.url,
+                mode=self.live.mode,
+                viewer_connected=viewers > 0,
+                uptime_s=round(uptime, 1),
+                fps=getattr(stats, "fps", None),
+                frames=int(getattr(stats, "frames", 0) or 0),
+                mouth_latency_ms=getattr(stats, "mouth_latency_ms", None),
+                realtime=getattr(stats, "realtime", None),
+                warning=warning,
+                last_error=self.error,
+                bot_id=self.bot_id,
+                viewers=viewers,
+                room_url=self.settings.room_url,
+            )
+
+    def stats(self) -> Any:
+        """The sessions' stats combined (read inside the loop), or the last ones seen."""
+        loop = self.loop
+        if threading.current_thread() is self.thread:
+            return self._read_stats()
+        if loop is None or loop.is_closed() or not loop.is_running():
+            return self._last_stats
+        try:
+            return asyncio.run_coroutine_threadsafe(self._read_stats_async(), loop).result(_STATS_TIMEOUT_S)
+        except Exception:  # busy or closing loop: the last figures are good enough for a status line
+            return self._last_stats
+
+    def _read_stats(self) -> Any:
+        stats = []
+        for session in list(self.sessions.values()):
+            try:
+                stats.append(session.processor.stats())
+            except Exception as exc:  # stats must never break the status line
+                logger.debug("Processor stats unavailable: {}", exc)
+        if stats:
+            self._last_stats = combine_stats(stats)
+        return self._last_stats
+
+    async def _read_stats_async(self) -> Any:
+        return self._read_stats()
+
+    # ---------------------------------------------------------------- the thread
+    def launch(self) -> None:
+        self.thread = threading.Thread(target=self._thread_main, name=f"musetalk-bot-{self.bot_id}", daemon=True)
+        self.thread.start()
+
+    def _thread_main(self) -> None:
+        loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        with self._lock:
+            self.loop = loop
+        try:
+            loop.run_until_complete(self._main())
+        except Exception as exc:
+            if not isinstance(exc, MuseTalkError):
+                logger.opt(exception=exc).debug("Bot thread failed")
+            self.fail(readable(exc))
+        finally:
+            try:
+                _drain_loop(loop)
+            finally:
+                with self._lock:
+                    if not self.detached:
+                        self.ended_at = time.monotonic()
+                        self.state = "error" if self.failed else "stopped"
+                    self.loop = None
+                    self._stop_event = None
+                    self.sessions = {}
+                    self._viewer_avatars = {}
+                    self.participants = 0
+                asyncio.set_event_loop(None)
+                loop.close()
+                self.started.set()
+                logger.info("Bot {} {}", self.bot_id, "ended with an error" if self.failed else "stopped")
+
+    async def _main(self) -> None:
+        with self._lock:
+            self._stop_event = asyncio.Event()
+            if self.stop_requested:
+                return
+        if self.settings.kind == "local":
+            await self._main_local()
+        else:
+            await self._main_daily()
+
+    def _mark_running(self) -> None:
+        with self._lock:
+            if self.state == "starting":
+                self.state = "running"
+                self.running_since = time.monotonic()
+        self.started.set()
+
+    async def _main_local(self) -> None:
+        server = LocalWebRTCServer(self.settings, self._on_connection, status=self._public_status)
+        await server.start()
+        try:
+            with self._lock:
+                self.url = server.url
+            self._mark_running()
+            await self._stop_event.wait()
+        finally:
+            await self._end_sessions("the bot is stopping")
+            await server.stop()
+
+    async def _main_daily(self) -> None:
+        from musetalk.bot.pipeline import transport_params
+
+        processor = await self._new_processor(self.avatar)
+        transport = make_daily_transport(self.settings, transport_params(processor, daily=True))
+        join_settled = asyncio.Event()  # joined, or the join failed
+        self._watch_daily(transport, join_settled)
+        session = await self._start_session(_DAILY_SESSION, processor, transport, connection=None)
+        self._mark_running()
+        try:
+            stop_wait = asyncio.ensure_future(self._stop_event.wait())
+            await asyncio.wait({stop_wait, session.task}, return_when=asyncio.FIRST_COMPLETED)
+            stop_wait.cancel()
+            if session.task.done() and not self.stop_requested and self.error is None:
+                logger.info("The Daily pipeline ended")
+            if not join_settled.is_set() and not session.task.done():
+                # Stopped while joining: Daily cannot drop a join half way (releasing the call blocks
+                # until the join ends), and cancelling it would lose its outcome. The operator's stop
+                # has answered already (BotRunner.stop detaches); here the join's real result (e.g.
+                # "the room lookup failed") still reaches on_error and becomes last_error.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(join_settled.wait(), timeout=_DAILY_JOIN_SETTLE_S)
+        finally:
+            await self._end_sessions("the bot is stopping")
+
+    def _watch_daily(self, transport: Any, join_settled: asyncio.Event) -> None:
+        participants: set[str] = set()
+
+        @transport.event_handler("on_error")
+        async def on_error(_transport, error: Any) -> None:
+            join_settled.set()
+            self.fail(daily_error_message(self.settings.room_url or "", str(error)))
+
+        @transport.event_handler("on_joined")
+        async def on_joined(_transport, _data: Any) -> None:
+            join_settled.set()
+            logger.info("Joined the Daily room {}", self.settings.room_url)
+
+        @transport.event_handler("on_participant_joined")
+        async def on_participant_joined(_transport, participant: Any) -> None:
+            participants.add(str(participant.get("id")))
+            with self._lock:
+                self.participants = len(participants)
+
+        @transport.event_handler("on_participant_left")
+        async def on_participant_left(_transport, participant: Any, _reason: Any) -> None:
+            participants.discard(str(participant.get("id")))
+            with self._lock:
+                self.participants = len(participants)
+
+    # ---------------------------------------------------------------- sessions
+    def _public_status(self) -> dict[str, Any]:
+        return self.snapshot(self._read_stats()).to_dict()
+
+    async def _new_processor(self, avatar: Avatar | None) -> MuseTalkProcessor:
+        from musetalk.bot.processor import MuseTalkProcessor
+
+        processor = MuseTalkProcessor(models=self.models, avatar=avatar, settings=self.live, service=self.service)
+        await processor.initialize_models()
+        await processor.initialize_avatars()
+        return processor
+
+    async def _start_session(self, key: str, processor: MuseTalkProcessor, transport: Any, connection: Any) -> _Session:
+        from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
+        from pipecat.workers.runner import WorkerRunner
+
+        from musetalk.bot.pipeline import build_pipeline
+
+        worker = PipelineWorker(
+            build_pipeline(transport, processor),
+            # The room's audio comes in at 16 kHz; the output rate is the transport's (16 kHz in mirror
+            # mode), or the pipeline default where the transport leaves it open (a TTS's rate in speech mode).
+            params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE),
+            idle_timeout_secs=None,
+            enable_rtvi=False,
+            processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
+        )
+        session = _Session(key=key, processor=processor, worker=worker, runner=None, connection=connection)
+        session.viewer = connection is not None
+
+        @worker.event_handler("on_pipeline_error")
+        async def on_pipeline_error(_worker, frame: Any) -> None:
+            unusable = frame.processor is not None and not frame.processor.is_usable
+            message = self.scrub(str(frame.error))
+            if (frame.fatal or unusable) and session.viewer:
+                # One viewer's pipeline failed: it ends alone, the bot and the other viewers go on.
+                logger.warning("Local page: a viewer's pipeline failed: {}", message)
+                with self._lock:
+                    self.warning = f"a viewer's pipeline failed: {message}"
+                asyncio.get_running_loop().create_task(self._end_session(key, "its pipeline failed"))
+            elif frame.fatal or unusable:
+                self.fail(f"The pipeline failed: {frame.error}")
+            else:
+                logger.warning("Pipeline error: {}", message)
+                with self._lock:
+                    self.warning = f"last pipeline error: {message}"
+
+        session.runner = WorkerRunner(handle_sigint=False)
+        await session.runner.add_workers(worker)
+        session.task = asyncio.create_task(self._run_session(session), name=f"musetalk-pipeline-{key}")
+        self.sessions[key] = session
+        return session
+
+    async def _run_session(self, session: _Session) -> None:
+        try:
+            await session.runner.run()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            logger.opt(exception=exc).debug("Pipeline crashed")
+            if session.viewer:
+                with self._lock:
+                    self.warning = f"a viewer's pipeline crashed: {readable(exc)}"
+            else:
+                self.fail(f"The pipeline crashed: {readable(exc)}")
+        finally:
+            if self.sessions.get(session.key) is session:
+                del self.sessions[session.key]
+
+    async def _end_sessions(self, reason: str) -> None:
+        for key in list(self.sessions):
+            await self._end_session(key, reason)
+
+    async def _end_session(self, key: str, reason: str) -> None:
+        """Cancel one pipeline and close its connection (idempotent)."""
+        session = self.sessions.pop(key, None)
+        if session is None:
+            return
+        with contextlib.suppress(Exception):
+            self._last_stats = combine_stats([session.processor.stats()])
+        await session.runner.cancel(reason=reason)
+        if session.task is not None:
+            try:
+                await asyncio.wait_for(asyncio.shield(session.task), timeout=_SESSION_END_TIMEOUT_S)
+            except asyncio.TimeoutError:
+                logger.warning("The pipeline did not end within {} s; cancelling its task", _SESSION_END_TIMEOUT_S)
+                session.task.cancel()
+                await asyncio.gather(session.task, return_exceptions=True)
+        if session.connection is not None:
+            with contextlib.suppress(Exception):
+                await session.connection.disconnect()
+
+    async def _viewer_avatar(self, request_data: Any) -> Avatar | None:
+        """The avatar a viewer asked for (`?avatar=NAME` on the page), or the bot's own."""
+        name = request_data.get("avatar") if isinstance(request_data, dict) else None
+        if not name or name == self.avatar_name:
+            return self.avatar
+        name = validate_name(str(name))
+        if name not in self._viewer_avatars:
+            if self.store is None:
+                raise MuseTalkError(f"This bot shows avatar {self.avatar_name!r} only (no avatar store to load {name!r}).")
+            self._viewer_avatars[name] = await asyncio.to_thread(self.store.load, name)
+        return self._viewer_avatars[name]
+
+    def _check_capacity(self) -> None:
+        """Refuse a viewer the shared service cannot serve in real time, before answering its offer."""
+        service = self.service
+        limit = service.session_limit() if service is not None else None
+        if limit is None:
+            return
+        running = service.stats().sessions
+        if running >= limit:
+            raise CapacityError(
+                f"This device serves {limit} sessions at 25 fps; {running} are running. "
+                "Close a viewer or stop a bot, or add a GPU."
+            )
+
+    async def _on_connection(self, connection: Any, request_data: Any = None) -> None:
+        """A browser connected to the local page: it gets a pipeline and a session of its own."""
+        from musetalk.bot.pipeline import transport_params
+
+        if self.stop_requested:
+            raise MuseTalkError("The bot is stopping.")
+        self._check_capacity()
+        avatar = await self._viewer_avatar(request_data)
+        processor = await self._new_processor(avatar)
+        transport = make_local_transport(connection, transport_params(processor))
+        key = str(connection.pc_id)
+
+        @transport.event_handler("on_client_connected")
+        async def on_connected(_transport, _client: Any) -> None:
+            logger.info("Local page: viewer {} connected ({} now)", key, len(self.sessions))
+
+        @transport.event_handler("on_client_disconnected")
+        async def on_disconnected(_transport, _client: Any) -> None:
+            logger.info("Local page: viewer {} left", key)
+            # End it from a task of our own: this handler runs inside the transport.
+            asyncio.get_running_loop().create_task(self._end_session(key, "the viewer left"))
+
+        await self._start_session(key, processor, transport, connection=connection)
+
+
+_DAILY_HINTS = (
+    (
+        ("lookup address", "name or service not known", "dns"),
+        "its address does not resolve (no internet, or a wrong Daily subdomain?)",
+    ),
+    (
+        ("unauthorized", "401", "403", "forbidden", "token", "not allowed", "ejected", "owner-only"),
+        "access was refused (a private room needs a valid --token)",
+    ),
+    (
+        ("not found", "404", "no such room", "does not exist", "not-found"),
+        "this room does not exist (check the room name)",
+    ),
+    (("timed out", "timeout"), "Daily did not answer in time (network or firewall?)"),
+    (("connect", "network", "unreachable"), "Daily cannot be reached from here (network or firewall?)"),
+)
+
+
+def daily_error_message(room_url: str, error: str) -> str:
+    """A Daily error as one sentence an operator can act on, with Daily's own words after it."""
+    lowered = error.lower()
+    hint = next((text for keys, text in _DAILY_HINTS if any(k in lowered for k in keys)), "Daily reported an error")
+    raw = " ".join(error.split())
+    raw = raw if len(raw) <= 300 else raw[:297] + "..."
+    return f"Daily: could not use the room {room_url}: {hint}. (Daily said: {raw})"
+
+
+def _drain_loop(loop: asyncio.AbstractEventLoop) -> None:
+    """Cancel what is left on the loop and join its executor threads."""
+    pending = [t for t in asyncio.all_tasks(loop) if not t.done()]
+    for task in pending:
+        task.cancel()
+    if pending:
+        loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+    loop.run_until_complete(loop.shutdown_asyncgens())
+    loop.run_until_complete(loop.shutdown_default_executor())
