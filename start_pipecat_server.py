@@ -13,6 +13,7 @@ Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_T
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib
 import os
 import signal
@@ -91,6 +92,22 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local page behind NAT: STUN/TURN servers, e.g. 'stun:stun.example.com:3478 "
         "user:secret@turn:turn.example.com:3478' or a JSON list of RTCIceServer objects. Also read from MUSETALK_ICE_SERVERS.",
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most live sessions (local viewers or rooms) served at once; further viewers are refused with a "
+        "message (default: as many as the measured speed of this device serves at 25 fps)",
+    )
+    parser.add_argument(
+        "--latency-budget",
+        type=float,
+        default=None,
+        metavar="SECONDS",
+        help="how long a frame may wait for the model before it is shown idle (default 0.2); its audio waits "
+        "with it, so sync holds at any budget: a slow device with a larger budget shows a late, lip-synced mouth",
     )
     parser.add_argument(
         "--mode",
@@ -205,11 +222,10 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
-def serve(args: argparse.Namespace, transport, entries) -> int:
+def serve(args: argparse.Namespace, transport, entries, live, service_settings) -> int:
     """Load models and the avatar, start the bot, report until Ctrl-C or an error."""
     from loguru import logger
 
-    from musetalk.bot.processor import LiveSettings
     from musetalk.bot.runner import BotRunner
     from musetalk.config import ModelPaths, models_dir_from_env, runtime_from_env
     from musetalk.models import load_models
@@ -223,9 +239,12 @@ def serve(args: argparse.Namespace, transport, entries) -> int:
     if args.mode == "speech":
         logger.info("Speech mode: the avatar lip-syncs TTS audio; without a TTS service in the pipeline it stays idle.")
 
-    runner = BotRunner(models)
+    from musetalk.live.service import GenerationService
+
+    service = GenerationService(models, service_settings)
+    runner = BotRunner(models, service=service)
     try:
-        status = runner.start(avatar, transport, LiveSettings(mode=args.mode))
+        status = runner.start(avatar, transport, live)
         if status.url:
             logger.info("Local page: {}  (open it in a browser, allow the microphone; Ctrl-C stops)", status.url)
             if transport.host not in LOOPBACK_HOSTS:
@@ -252,15 +271,16 @@ def serve(args: argparse.Namespace, transport, entries) -> int:
                 fps = "-" if status.fps is None else f"{status.fps:.1f}"
                 latency = "-" if status.mouth_latency_ms is None else f"{status.mouth_latency_ms:.0f} ms"
                 logger.info(
-                    "up {:.0f} s | viewer {} | {} fps | {} frames | mouth latency {}{}",
-                    status.uptime_s, "yes" if status.viewer_connected else "no", fps, status.frames, latency,
+                    "up {:.0f} s | viewers {} | {} fps | {} frames | mouth latency {}{}",
+                    status.uptime_s, status.viewers, fps, status.frames, latency,
                     f" | {status.warning}" if status.warning else "",
                 )  # fmt: skip
             time.sleep(0.25)
     except KeyboardInterrupt:
         logger.info("Stopping")
         final = runner.stop(timeout=15)
-        if final.state == "error" and final.last_error:
+        service.close()
+        if final.last_error:
             logger.warning("While stopping: {}", final.last_error)
         logger.info("Stopped cleanly")
         return 0
@@ -281,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     from musetalk.bot.transports import TransportSettings, parse_ice_servers
     from musetalk.config import load_realtime_config
     from musetalk.errors import MuseTalkError
+    from musetalk.live.service import ServiceSettings
+    from musetalk.live.session import LiveSettings
 
     token = args.token if args.token is not None else os.environ.get("DAILY_TOKEN") or None
     try:  # everything that can be checked without loading anything
@@ -291,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
             transport = TransportSettings(kind="local", host=args.host, port=args.port, ice_servers=ice)
         else:
             transport = TransportSettings(kind="daily", room_url=args.room_url, token=token)
+        live = LiveSettings(mode=args.mode)
+        if args.latency_budget is not None:
+            live = dataclasses.replace(live, latency_budget_s=args.latency_budget)
+        service_settings = ServiceSettings(max_sessions=args.max_sessions)
         entries = load_realtime_config(args.config)
     except MuseTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -302,7 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C (even when started from a script that ignores it) and a service manager's stop.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return serve(args, transport, entries)
+        return serve(args, transport, entries, live, service_settings)
     except MuseTalkError as exc:
         logger.error("{}", exc)
         return 2

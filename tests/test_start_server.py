@@ -85,7 +85,7 @@ class LineReader:
 def test_help_lists_the_seed_options(tmp_path):
     result = cli(["--help"], tmp_path)
     assert result.returncode == 0
-    for option in (*SEED_OPTIONS, "--local", "--host", "--port", "--mode"):
+    for option in (*SEED_OPTIONS, "--local", "--host", "--port", "--mode", "--max-sessions", "--latency-budget"):
         assert option in result.stdout
     assert "configs/inference/realtime.yaml" in result.stdout
 
@@ -107,6 +107,16 @@ def test_malformed_room_url_fails_before_loading_anything(tmp_path, url):
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert "secret-cli-token" not in result.stderr + result.stdout
     assert not (tmp_path / "musetalk_pipecat.log").exists()  # it stopped before logging even started
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [(["--max-sessions", "0"], "max_sessions"), (["--latency-budget", "-1"], "--latency-budget")],
+)
+def test_bad_live_limits_fail_before_loading_anything(tmp_path, flags, message):
+    result = cli(["--local", *flags], tmp_path)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
+    assert "Traceback" not in result.stderr
 
 
 def test_missing_weights_are_listed_with_the_fix(tmp_path):
