@@ -67,6 +67,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="STUN/TURN servers for the local live page behind NAT, e.g. 'stun:stun.example.com:3478 "
         "user:secret@turn:turn.example.com:3478' (or MUSETALK_ICE_SERVERS; a JSON list of RTCIceServer works too)",
     )
+    parser.add_argument(
+        "--max-bots", type=int, default=4, metavar="N", help="most live bots running at once (default 4)"
+    )
+    parser.add_argument(
+        "--max-sessions",
+        type=int,
+        default=None,
+        metavar="N",
+        help="most live sessions (viewers and rooms, all bots together) served at once (default: what the "
+        "measured speed of this device serves at 25 fps)",
+    )
     return parser
 
 
@@ -105,7 +116,11 @@ def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Envir
     )
     ice = parse_ice_servers(args.ice_servers if args.ice_servers is not None else environ.get("MUSETALK_ICE_SERVERS"))
     return EngineOptions(
-        fetch=fetch, fetch_at_start=args.fetch_weights or bool(environ.get("SPACE_ID")), ice_servers=ice
+        fetch=fetch,
+        fetch_at_start=args.fetch_weights or bool(environ.get("SPACE_ID")),
+        ice_servers=ice,
+        max_bots=args.max_bots,
+        max_sessions=args.max_sessions,
     )
 
 

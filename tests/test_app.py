@@ -222,10 +222,15 @@ def test_bot_start_status_stop_and_start_again(panel, prepared):
         status = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
         assert status["state"] == "running", status
         assert status["transport"] == "local" and status["url"].startswith("http://127.0.0.1:")
-        message = app_error(
-            lambda: client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
-        )  # fmt: skip
-        assert_operator_message(message, "already running", "stop it first")
+        # Another bot next to it (the panel runs up to --max-bots), stopped by its id; the first goes on.
+        other = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", 1.0, api_name="/start_bot")
+        assert other["state"] == "running" and other["bot_id"] != status["bot_id"] and other["url"] != status["url"]
+        running = [b["bot_id"] for b in client.predict(api_name="/list_bots") if b["state"] == "running"]
+        assert sorted(running) == sorted([status["bot_id"], other["bot_id"]])
+        assert client.predict(other["bot_id"], api_name="/stop_bot_id")["state"] == "stopped"
+        bots = {b["bot_id"]: b["state"] for b in client.predict(api_name="/list_bots")}
+        assert bots[status["bot_id"]] == "running" and bots[other["bot_id"]] == "stopped"
+        assert "No bot 'bot-999'" in app_error(lambda: client.predict("bot-999", api_name="/stop_bot_id"))
 
         # A viewer connects to the local page: its pipeline sends video (idle frames here).
         answer = httpx.post(
@@ -234,7 +239,9 @@ def test_bot_start_status_stop_and_start_again(panel, prepared):
         assert answer.status_code == 200, answer.text
         live = poll(lambda: client.predict(api_name="/bot_status"), lambda s: (s["fps"] or 0) > 0)
         assert live["state"] == "running" and (live["fps"] or 0) > 0 and live["frames"] > 0, live
-        assert live["last_error"] is None
+        assert live["last_error"] is None and live["viewers"] == 1
+        service = client.predict(api_name="/service_status")
+        assert service["sessions"] == 1 and service["device"].startswith("cpu"), service  # silence: idle, no model work
 
         stopped = client.predict(api_name="/stop_bot")
         assert stopped["state"] == "stopped", f"cycle {cycle}: {stopped}"

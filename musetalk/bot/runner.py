@@ -6,7 +6,8 @@ event loop, transport and sessions; see musetalk/bot/run.py). All of them share 
 admission by measured capacity. With the default `max_bots=1` it behaves like the single-bot
 runner it grew from: a second start is refused until the first bot is stopped.
 
-Methods that take `bot_id=None` act on the newest bot, so single-bot callers need no ids.
+Methods that take `bot_id=None` act on the newest running bot (else the newest), so single-bot
+callers need no ids.
 """
 
 from __future__ import annotations
@@ -147,7 +148,7 @@ class BotRunner:
             del self._runs[bot_id]
 
     def stop(self, bot_id: str | None = None, timeout: float = STOP_GRACE_S) -> BotStatus:
-        """Stop a bot (the newest when `bot_id` is None); safe in any state, from any thread, repeatedly.
+        """Stop a bot (the newest running one when `bot_id` is None); safe in any state, from any thread, repeatedly.
 
         Waits at most `timeout` s for the bot's thread. A bot that needs longer to let go (a Daily
         call still joining holds on for up to ~20 s) is reported "stopped" at once and finishes
@@ -201,12 +202,13 @@ class BotRunner:
     # ---------------------------------------------------------------- status
     def _find(self, bot_id: str | None) -> BotRun | None:
         with self._lock:
-            if bot_id is None:
-                return next(reversed(self._runs.values()), None)
+            if bot_id is None:  # the newest running bot, else the newest one
+                runs = list(self._runs.values())
+                return next((r for r in reversed(runs) if r.alive), runs[-1] if runs else None)
             return self._runs.get(bot_id)
 
     def status(self, bot_id: str | None = None) -> BotStatus:
-        """One bot's status (the newest when `bot_id` is None); "stopped" when there is none."""
+        """One bot's status (the newest running one when `bot_id` is None); "stopped" when there is none."""
         run = self._find(bot_id)
         if run is None:
             if bot_id is not None:

@@ -52,6 +52,14 @@ class EngineOptions:
     fetch_at_start: bool = False  # fetch missing weights before the first load (Hugging Face Spaces)
     speech_pipeline: bool = False  # no TTS pipeline can be configured from the panel yet
     ice_servers: tuple[IceServerSpec, ...] = ()  # STUN/TURN servers for the local page (behind NAT)
+    max_bots: int = 4  # live bots running at once
+    max_sessions: int | None = None  # live sessions at once, all bots together (None: the measured capacity)
+
+    def __post_init__(self) -> None:
+        if self.max_bots < 1:
+            raise ConfigError("--max-bots must be at least 1.")
+        if self.max_sessions is not None and self.max_sessions < 1:
+            raise ConfigError("--max-sessions must be at least 1.")
 
 
 class Engine:
@@ -227,7 +235,10 @@ class Engine:
         models = self.models(on_wait)
         with self._cond:
             if self._runner is None:
-                self._runner = BotRunner(models)
+                from musetalk.live.service import GenerationService, ServiceSettings
+
+                service = GenerationService(models, ServiceSettings(max_sessions=self.options.max_sessions))
+                self._runner = BotRunner(models, max_bots=self.options.max_bots, service=service)
             return self._runner
 
     def existing_runner(self) -> BotRunner | None:
@@ -265,7 +276,8 @@ class Engine:
             self._cancel.set()
         runner = self.existing_runner()
         if runner is not None:
-            runner.stop()
+            runner.stop_all()
+            runner.service.close()
             if not runner.join_closing(CLOSING_WAIT_S):
                 logger.warning(
                     "A stopped bot was still closing its connection after {} s; exiting anyway", CLOSING_WAIT_S

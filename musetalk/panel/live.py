@@ -1,10 +1,12 @@
-"""The Live tab: start and stop the live bot (local WebRTC page or a Daily room), its status and plots.
+"""The Live tab: start and stop live bots (local WebRTC page or a Daily room), their status and plots,
+and the generation service they share.
 
-API names: `start_bot`, `stop_bot`, `bot_status`.
+API names: `start_bot`, `stop_bot`, `bot_status` (the newest bot), `list_bots`, `stop_bot_id`, `service_status`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from types import SimpleNamespace
 
 import gradio as gr
@@ -22,7 +24,17 @@ from musetalk.errors import AvatarError, ConfigError, MuseTalkError
 from musetalk.panel.avatars import AvatarActions
 from musetalk.panel.boundary import PROGRESS, duration_for, message, operator_errors, scrub
 from musetalk.panel.engine import Engine
-from musetalk.panel.text import SPEECH_MODE_HELP, models_banner, page_view, status_view
+from musetalk.panel.text import (
+    BOTS_HEADERS,
+    SPEECH_MODE_HELP,
+    bots_rows,
+    models_banner,
+    page_view,
+    service_view,
+    status_view,
+)
+
+DEFAULT_LATENCY_BUDGET_S = 0.2
 
 
 class LiveActions:
@@ -43,9 +55,10 @@ class LiveActions:
         mode: str = "mirror",
         local_port: float = DEFAULT_PORT,
         local_host: str = DEFAULT_HOST,
+        latency_budget: float = DEFAULT_LATENCY_BUDGET_S,
         progress=PROGRESS,
     ) -> dict:
-        """Start the live bot (one at a time): on a local WebRTC page, or in a Daily room.
+        """Start a live bot (another one while others run, up to --max-bots): on a local WebRTC page, or in a Daily room.
 
         Args:
             avatar: a prepared avatar's name
@@ -55,6 +68,7 @@ class LiveActions:
             mode: "mirror" (lip-sync whoever speaks); "speech" needs a TTS pipeline built in code
             local_port: port of the local page (0 = any free port)
             local_host: address of the local page (127.0.0.1: this machine only)
+            latency_budget: seconds a frame may wait for the model before it is shown idle (audio waits with it)
         Returns:
             the bot status (state, url of the local page, ...)
         """
@@ -76,13 +90,11 @@ class LiveActions:
                     port=port,
                     ice_servers=self.engine.options.ice_servers,
                 )
-            live = LiveSettings(mode=mode or "mirror")
+            budget = DEFAULT_LATENCY_BUDGET_S if latency_budget is None else float(latency_budget)
+            live = LiveSettings(mode=mode or "mirror", latency_budget_s=budget)
             runner = self.engine.runner(
                 on_wait=lambda: progress(0.0, desc="Loading the models (first use after start)")
             )
-            if runner.running:
-                current = runner.status()
-                raise MuseTalkError(f"The bot is already {current.state} (avatar {current.avatar}); stop it first.")
             self.engine.refuse_if_preparing(avatar)
             progress(0.5, desc="Starting the bot")
             self.engine.clear_history()
@@ -108,6 +120,41 @@ class LiveActions:
             return BotStatus().to_dict()
         return runner.stop().to_dict()
 
+    @operator_errors
+    def stop_bot_id(self, bot_id: str) -> dict:
+        """Stop one bot by its id (as `list_bots` names it); the others go on.
+
+        Args:
+            bot_id: the bot's id, e.g. "bot-2"
+        Returns:
+            that bot's status after stopping
+        """
+        runner = self.engine.existing_runner()
+        if not bot_id:
+            raise ConfigError("Pick a bot to stop (the Running bots table lists them).")
+        if runner is None:
+            raise ConfigError(f"No bot {bot_id!r}: no bot was started yet.")
+        return runner.stop(bot_id).to_dict()
+
+    def list_bots(self) -> list[dict]:
+        """Every bot: running ones and the last few that ended, each with its status (bot_id, state, viewers, fps, ...).
+
+        Returns:
+            a list of bot statuses (JSON)
+        """
+        runner = self.engine.existing_runner()
+        return [b.to_dict() for b in runner.bots()] if runner is not None else []
+
+    def service_status(self) -> dict | None:
+        """The generation service all bots share: sessions, queued frames, frames/s, mean batch, cost per frame, capacity, GPU memory.
+
+        Returns:
+            the service figures (JSON), or null before the first bot started
+        """
+        runner = self.engine.existing_runner()
+        stats = runner.service_stats() if runner is not None else None
+        return dataclasses.asdict(stats) if stats is not None else None
+
     def bot_status(self) -> dict:
         """The live bot's status: state, avatar, transport, url, mode, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
 
@@ -121,12 +168,20 @@ class LiveActions:
         frame = pd.DataFrame(rows, columns=["uptime_s", "fps", "latency_ms"], dtype=float).round(1)
         return frame.dropna(subset=["fps"]), frame.dropna(subset=["latency_ms"])
 
-    def refresh_live(self, last_url: str | None):
+    def refresh_live(self, last_url: str | None, picked: str | None):
         status = self.bot_status()
         fps_frame, lat_frame = self.plots()
         page_key = page_view(status)
         page = gr.skip() if page_key == last_url else page_key
-        return models_banner(self.engine), status_view(status), status, fps_frame, lat_frame, page, page_key
+        bots = self.list_bots()
+        running = [b["bot_id"] for b in bots if b["state"] in ("starting", "running", "stopping")]
+        pick = gr.update(choices=running, value=picked if picked in running else (running[-1] if running else None))
+        table = pd.DataFrame(bots_rows(bots), columns=BOTS_HEADERS)
+        service = service_view(self.service_status(), self.engine.options.max_bots)
+        return (
+            models_banner(self.engine), status_view(status), status, fps_frame, lat_frame, page, page_key,
+            table, pick, service,
+        )  # fmt: skip
 
     def show_transport(self, kind: str):
         return gr.Group(visible=kind == "daily"), gr.Accordion(visible=kind == "local")
@@ -193,9 +248,14 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                         "**Note:** on Hugging Face Spaces your browser cannot reach the local page (WebRTC needs a TURN "
                         "server there): use a Daily room."
                     )
+                latency_budget = gr.Number(
+                    label="Latency budget (s)", value=DEFAULT_LATENCY_BUDGET_S, minimum=0.05, maximum=60,
+                    info="How long a frame may wait for the model before it is shown idle; its audio waits with it, so "
+                    "lips stay in sync. A slow device with a larger budget shows a late but moving mouth.",
+                )  # fmt: skip
                 with gr.Row():
                     start_btn = gr.Button("Start", variant="primary", elem_id="start-btn")
-                    stop_btn = gr.Button("Stop", variant="stop", elem_id="stop-btn")
+                    stop_btn = gr.Button("Stop newest", variant="stop", elem_id="stop-btn")
             with gr.Column(scale=3):
                 status_md = gr.Markdown(status_view(BotStatus().to_dict()), elem_id="bot-status")
                 with gr.Row():
@@ -220,6 +280,13 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                     )
                 with gr.Accordion("Status (JSON)", open=False):
                     status_json = gr.JSON(label="Status")
+                bots_table = gr.Dataframe(
+                    pd.DataFrame(columns=BOTS_HEADERS), label="Bots", interactive=False, elem_id="bots-table"
+                )
+                with gr.Row():
+                    picked_bot = gr.Dropdown([], label="Bot", scale=2, allow_custom_value=True, elem_id="picked-bot")
+                    stop_picked_btn = gr.Button("Stop this bot", variant="stop", scale=1, elem_id="stop-picked-btn")
+                service_md = gr.Markdown(service_view(None, engine.options.max_bots), elem_id="service-status")
         page_html = gr.HTML()
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("engine", "avatars")})
@@ -227,21 +294,31 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
 
 def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: gr.Timer, page_key: gr.State) -> None:
     """Events of the tab; the timer refreshes the banner, the status and the plots once a second."""
-    live_out = [banner, c.status_md, c.status_json, c.fps_plot, c.lat_plot, c.page_html, page_key]
+    live_out = [
+        banner, c.status_md, c.status_json, c.fps_plot, c.lat_plot, c.page_html, page_key,
+        c.bots_table, c.picked_bot, c.service_md,
+    ]  # fmt: skip
+    live_in = [page_key, c.picked_bot]
     c.transport.change(
         actions.show_transport, c.transport, [c.daily_group, c.local_group], api_visibility="private", queue=False
     )
     c.room_url.blur(actions.check_room_url, c.room_url, None, api_visibility="private", queue=False)
     c.mode.change(actions.show_mode, c.mode, c.speech_note, api_visibility="private", queue=False)
     c.start_btn.click(
-        actions.start_bot, [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host], c.status_json,
-        api_name="start_bot", concurrency_id="bot_start", concurrency_limit=1, show_progress_on=c.status_md,
-    ).then(actions.refresh_live, page_key, live_out, api_visibility="private")  # fmt: skip
+        actions.start_bot,
+        [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host, c.latency_budget],
+        c.status_json, api_name="start_bot", concurrency_id="bot_start", concurrency_limit=1, show_progress_on=c.status_md,
+    ).then(actions.refresh_live, live_in, live_out, api_visibility="private")  # fmt: skip
     c.stop_btn.click(
         actions.stop_bot, None, c.status_json, api_name="stop_bot", concurrency_limit=None, show_progress_on=c.status_md
-    ).then(actions.refresh_live, page_key, live_out, api_visibility="private")
+    ).then(actions.refresh_live, live_in, live_out, api_visibility="private")
+    c.stop_picked_btn.click(
+        actions.stop_bot_id, c.picked_bot, c.status_json, api_name="stop_bot_id", concurrency_limit=None,
+    ).then(actions.refresh_live, live_in, live_out, api_visibility="private")  # fmt: skip
     timer.tick(
-        actions.refresh_live, page_key, live_out,
+        actions.refresh_live, live_in, live_out,
         api_visibility="private", concurrency_limit=None, show_progress="hidden",
     )  # fmt: skip
     gr.api(actions.bot_status, api_name="bot_status", concurrency_limit=None)
+    gr.api(actions.list_bots, api_name="list_bots", concurrency_limit=None)
+    gr.api(actions.service_status, api_name="service_status", concurrency_limit=None)

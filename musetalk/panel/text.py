@@ -152,7 +152,7 @@ def status_view(status: dict) -> str:
     fps = f"{status['fps']:.1f}" if status.get("fps") is not None else "–"
     lat = f"{status['mouth_latency_ms']:.0f} ms" if status.get("mouth_latency_ms") is not None else "–"
     realtime = {True: "yes", False: "no", None: "–"}[status.get("realtime")]
-    viewer = "connected" if status.get("viewer_connected") else "none"
+    viewer = str(status.get("viewers") or 0) if status.get("viewer_connected") else "none"
     lines = [
         head,
         "",
@@ -176,6 +176,50 @@ def status_view(status: dict) -> str:
         )
         lines.append(f"\nWaiting for a viewer: {where}.")
     return "\n".join(lines)
+
+
+BOTS_HEADERS = ["bot", "state", "avatar", "transport", "where", "viewers", "fps", "frames", "uptime", "last error"]
+
+
+def bots_rows(bots: list[dict]) -> list[list]:
+    """One row per bot for the Live tab's table (running bots first, then the last ones that ended)."""
+    order = sorted(bots, key=lambda b: b["state"] not in ("starting", "running", "stopping"))
+    return [
+        [
+            b.get("bot_id") or "",
+            b["state"],
+            b.get("avatar") or "",
+            b.get("transport") or "",
+            b.get("url") or b.get("room_url") or "",
+            b.get("viewers", 0),
+            "" if b.get("fps") is None else round(b["fps"], 1),
+            b.get("frames", 0),
+            format_duration(b.get("uptime_s") or 0),
+            b.get("last_error") or "",
+        ]
+        for b in order
+    ]
+
+
+def service_view(stats: dict | None, max_bots: int) -> str:
+    """The shared generation service: what every bot's sessions cost together, and what is left."""
+    if not stats:
+        return f"**Generation service:** starts with the first bot (up to {max_bots} bots at once, one copy of the models)."
+    cost = "–" if stats.get("frame_cost_ms") is None else f"{stats['frame_cost_ms']:.0f} ms"
+    capacity = "measuring…" if stats.get("capacity") is None else str(stats["capacity"])
+    left = "–" if stats.get("capacity_left") is None else str(stats["capacity_left"])
+    batch = "–" if stats.get("mean_batch") is None else f"{stats['mean_batch']:.1f}"
+    gpu = "–" if stats.get("gpu_memory_mb") is None else f"{stats['gpu_memory_mb']:,.0f} MB"
+    return "\n".join(
+        [
+            f"**Generation service** on {stats.get('device', '?')} · one copy of the models for every bot and viewer",
+            "",
+            "| Sessions | Queued frames | Frames/s | Mean batch | Cost per frame | Capacity (25 fps) | Left | GPU memory |",
+            "|---|---|---|---|---|---|---|---|",
+            f"| {stats['sessions']} | {stats['queued_frames']} | {stats['frames_per_s']:.1f} | {batch} | {cost} "
+            f"| {capacity} | {left} | {gpu} |",
+        ]
+    )
 
 
 def page_view(status: dict) -> str:
