@@ -515,6 +515,10 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
     (panel.avatars / "wreck" / "frames").mkdir(parents=True)  # no manifest: listed as damaged
+    shutil.copytree(panel.avatars / "astro", panel.avatars / "vintage")  # made by the older rules (format 1)
+    vintage = json.loads((panel.avatars / "vintage" / "manifest.json").read_text())
+    vintage["format_version"] = 1
+    (panel.avatars / "vintage" / "manifest.json").write_text(json.dumps(vintage))
     with Chromium() as browser:
         page = browser.new_page(panel.url)
         page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
@@ -536,6 +540,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
                 assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
                 assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
                 assert "manifest.json is missing" in page.evaluate("document.body.innerText")
+                assert _wait_js(page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')")
             _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
@@ -566,6 +571,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
         _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
     assert panel.client.predict("wreck", api_name="/delete_avatar") == "Deleted avatar 'wreck'."
+    assert panel.client.predict("vintage", api_name="/delete_avatar") == "Deleted avatar 'vintage'."
 
 
 # --------------------------------------------------------------------------- command line

@@ -354,14 +354,14 @@ class AvatarActions:
             [
                 {
                     "name": m["name"],
-                    "state": "ready",
+                    "state": "ready, older rules: re-prepare" if m["older_rules"] else "ready",
                     "frames": m["frame_count"],
                     "seconds": m["seconds"],
                     "size": f"{m['frame_size'][0]}×{m['frame_size'][1]}",
                     "bbox_shift": m["preparation"].get("bbox_shift"),
                     "mask": m["preparation"].get("mask_mode_used"),
                     "landmarks": m["landmark_source"] or "not recorded",
-                    "format": f"{m['format_version']} ({'older rules: re-prepare' if m['older_rules'] else 'current'})",
+                    "format": m["format_version"],
                     "disk": format_bytes(m["disk_bytes"]),
                     "created": m["created"],
                 }

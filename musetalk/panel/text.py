@@ -32,6 +32,10 @@ LANDMARKS_HELP = (
     "DWPose = MuseTalk's own landmark model (needs the optional file models/dwpose/dw-ll_ucoco_384.onnx); "
     "offline = the built-in face mesh; auto = DWPose when that file is there, else offline."
 )
+REPREPARE_HOW = (
+    "Press **Load into the editor above** (its settings, with today's Max side and Landmarks), then "
+    "**Re-prepare with the settings above**: it uses the kept source video."
+)
 PANEL_OFFLINE_HINT = "or set Landmarks to 'Offline face mesh' above and run it again"
 
 
@@ -112,7 +116,7 @@ def manifest_markdown(m: dict[str, Any]) -> str:
     ]
     text = f"#### {m['name']}\n\n"
     if m.get("older_rules"):
-        text += f"**This avatar was {m['older_rules']}** (press **Re-prepare**: it uses the kept source video).\n\n"
+        text += f"**This avatar was {m['older_rules']}.** {REPREPARE_HOW}\n\n"
     text += "| Property | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if m.get("notes"):
         text += "\n\n" + "\n".join(f"- {note}" for note in m["notes"])
@@ -151,8 +155,8 @@ def older_markdown(entries: list[dict[str, Any]]) -> str:
     names = ", ".join(f"`{m['name']}`" for m in entries)
     many = len(entries) > 1
     return (
-        f"**{len(entries)} avatar{'s' if many else ''} {OLDER_RULES}:** {names}. They still load and render; "
-        "pick one in *Selected avatar* and press **Re-prepare** (it uses the kept source video)."
+        f"**{len(entries)} avatar{'s' if many else ''} {OLDER_RULES}:** {names}. They still load and render. "
+        f"Pick one in *Selected avatar*: {REPREPARE_HOW[0].lower()}{REPREPARE_HOW[1:]}"
     )
 
 
