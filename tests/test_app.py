@@ -335,6 +335,71 @@ def test_reprepare_rename_and_delete(panel, videos):
     assert len(kept) == 1 and kept[0].startswith("astro-"), kept
 
 
+def test_max_side_and_landmarks_reach_the_manifest_and_older_avatars_are_marked(panel, videos):
+    from musetalk.panel.text import OLDER_RULES, manifest_markdown
+
+    client = panel.client
+    # The two new inputs come last, so the calls above (without them) still work.
+    small = client.predict(
+        handle_file(str(videos["face"])), "small", 0, 10, "polygon", 90, False, 256, "offline", api_name="/prepare"
+    )  # fmt: skip
+    assert max(small["frame_size"]) <= 256 and small["preparation"]["source"]["size"] == [512, 512], small
+    on_disk = json.loads((panel.avatars / "small" / "manifest.json").read_text())
+    assert on_disk["format_version"] == 2 and on_disk["preparation"]["landmark_source"] == "offline"
+    assert on_disk["preparation"]["max_side"] == 256 and on_disk["preparation"]["landmarks"] == "offline"
+    listed = {m["name"]: m for m in client.predict(api_name="/list_avatars")}
+    entry = listed["small"]
+    assert entry["landmark_source"] == "offline" and entry["format_version"] == 2 and entry["older_rules"] is None
+
+    # An avatar written by the older rules (format 1, no landmark source) is marked, and re-prepares.
+    shutil.copytree(panel.avatars / "small", panel.avatars / "old-small")  # shares small's kept source video
+    old = json.loads((panel.avatars / "old-small" / "manifest.json").read_text())
+    old["format_version"] = 1
+    for key in ("landmark_source", "landmarks", "max_side"):
+        del old["preparation"][key]
+    (panel.avatars / "old-small" / "manifest.json").write_text(json.dumps(old))
+    entry = {m["name"]: m for m in client.predict(api_name="/list_avatars")}["old-small"]
+    assert entry["damaged"] is False and entry["format_version"] == 1 and entry["landmark_source"] is None
+    assert entry["older_rules"] == OLDER_RULES and OLDER_RULES in manifest_markdown(entry)
+    again = client.predict("old-small", 0, 10, "polygon", 90, None, api_name="/reprepare_avatar")
+    assert again["format_version"] == 2 and again["older_rules"] is None
+    assert again["landmark_source"] == "offline", "auto without a DWPose file: the offline face mesh"
+    assert again["frame_size"] == [512, 512], "re-preparing uses today's max_side (1920) by default"
+    entry = {m["name"]: m for m in client.predict(api_name="/list_avatars")}["old-small"]
+    assert entry["format_version"] == 2 and entry["older_rules"] is None
+    for name in ("old-small", "small"):
+        client.predict(name, api_name="/delete_avatar")
+
+
+def test_a_damaged_dwpose_file_is_one_clear_error_and_offline_landmarks_still_work(panel, videos, tiny_models_dir):
+    client = panel.client
+    video = handle_file(str(videos["face"]))
+    target = tiny_models_dir / "dwpose" / "dw-ll_ucoco_384.onnx"
+    assert not target.exists(), "the tiny model set has no DWPose file"
+    created = not target.parent.exists()
+    target.parent.mkdir(exist_ok=True)
+    target.write_bytes(b"not an onnx model\n" * 64)
+    try:
+        for call in (
+            lambda: client.predict(video, 0, 10, "jaw", 90, api_name="/preview"),
+            lambda: client.predict(video, "dw", 0, 10, "jaw", 90, False, api_name="/prepare"),
+        ):
+            message = app_error(call)
+            assert_operator_message(
+                message, str(target), "not a loadable ONNX model", "bash download_weights.sh", "Offline face mesh"
+            )
+            assert "--landmarks" not in message, "the panel names its own control, not the CLI flag"
+        gallery, summary = client.predict(video, 0, 10, "jaw", 90, 1920, "offline", api_name="/preview")
+        assert len(gallery) == 4 and "Landmarks: offline face mesh" in summary
+    finally:
+        target.unlink()
+        if created:
+            target.parent.rmdir()
+    message = app_error(lambda: client.predict(video, 0, 10, "jaw", 90, 1920, "dwpose", api_name="/preview"))
+    assert_operator_message(message, str(target), "is missing", "Offline face mesh")
+    assert "dw" not in [m["name"] for m in client.predict(api_name="/list_avatars")]
+
+
 def test_an_avatar_in_use_cannot_be_deleted_renamed_or_prepared_again(panel, prepared):
     client = panel.client
     shutil.copytree(panel.avatars / "astro", panel.avatars / "victim")  # shares astro's kept source video
@@ -428,7 +493,7 @@ def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, video
 # --------------------------------------------------------------------------- browser
 TABS = {
     # tab: labels that must be on screen once it is open
-    "Avatars": ["Video", "bbox_shift (px)", "extra_margin (px)", "Blend mask", "Cheek width", "Preview", "Avatar name", "Prepare", "Cancel preparation", "Library"],
+    "Avatars": ["Video", "bbox_shift (px)", "extra_margin (px)", "Blend mask", "Cheek width", "Max side (px)", "Landmarks", "Preview", "Avatar name", "Prepare", "Cancel preparation", "Library"],
     "Live": ["Avatar", "Transport", "Local page on this machine", "Daily room", "Mode", "Start", "Stop", "Frames per second", "Mouth latency"],
     "Render": ["Avatar", "Speech", "Render", "Lip-synced video"],
     "System": ["Device", "Weights", "MuseTalk v1.5 UNet", "bash download_weights.sh", "Load models", "Fetch weights", "Weight files"],
@@ -457,6 +522,10 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
     ARTIFACTS.mkdir(exist_ok=True)
     (panel.avatars / "wreck" / "frames").mkdir(parents=True)  # no manifest: listed as damaged
+    shutil.copytree(panel.avatars / "astro", panel.avatars / "vintage")  # made by the older rules (format 1)
+    vintage = json.loads((panel.avatars / "vintage" / "manifest.json").read_text())
+    vintage["format_version"] = 1
+    (panel.avatars / "vintage" / "manifest.json").write_text(json.dumps(vintage))
     with Chromium() as browser:
         page = browser.new_page(panel.url)
         page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
@@ -478,6 +547,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
                 assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
                 assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
                 assert "manifest.json is missing" in page.evaluate("document.body.innerText")
+                assert _wait_js(page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')")
             _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
@@ -508,6 +578,7 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
         _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
     assert panel.client.predict("wreck", api_name="/delete_avatar") == "Deleted avatar 'wreck'."
+    assert panel.client.predict("vintage", api_name="/delete_avatar") == "Deleted avatar 'vintage'."
 
 
 # --------------------------------------------------------------------------- command line

@@ -1,7 +1,8 @@
 """The Avatars tab: preview a video, prepare an avatar, and the library (rename, re-prepare, delete).
 
 An avatar the live bot uses cannot be deleted, renamed or prepared again until the bot stops;
-damaged avatars (unreadable manifest) are listed with why, and can be deleted.
+damaged avatars (unreadable manifest) are listed with why, and can be deleted. Avatars made by
+older preprocessing rules are marked, and re-preparing brings them to the current rules.
 
 API names: `preview`, `prepare`, `cancel_prepare`, `reprepare_avatar`, `list_avatars`,
 `rename_avatar`, `delete_avatar`.
@@ -10,6 +11,8 @@ API names: `preview`, `prepare`, `cancel_prepare`, `reprepare_avatar`, `list_ava
 from __future__ import annotations
 
 import html
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -18,24 +21,45 @@ import gradio as gr
 import pandas as pd
 from PIL import Image
 
-from musetalk.avatar.prepare import PreparationCancelled, prepare_avatar
+from musetalk.avatar.prepare import PreparationCancelled, prepare_avatar, reprepare_avatar
 from musetalk.avatar.preview import preview_video
-from musetalk.avatar.store import validate_name
+from musetalk.avatar.store import AvatarManifest, validate_name
 from musetalk.config import PrepareSettings
-from musetalk.errors import AvatarError, MediaError, MuseTalkError
+from musetalk.errors import AvatarError, MediaError, MissingWeightsError, MuseTalkError
+from musetalk.face.dwpose import DWPOSE_FILE
 from musetalk.models import Models
 from musetalk.panel.boundary import PROGRESS, message, operator_errors
 from musetalk.panel.engine import Engine
 from musetalk.panel.text import (
+    LANDMARKS_HELP,
+    PANEL_OFFLINE_HINT,
     damaged_markdown,
     delete_question,
     manifest_dict,
     manifest_markdown,
+    older_markdown,
     prepare_settings,
     suggest_name,
     video_path,
 )
 from musetalk.weights import format_bytes
+
+LIBRARY_COLUMNS = (
+    "name", "state", "frames", "seconds", "size", "bbox_shift", "mask", "landmarks", "format", "disk", "created",
+)  # fmt: skip
+Run = Callable[..., AvatarManifest]  # (models, kept source video, progress callback, cancel event) -> manifest
+
+
+@contextmanager
+def dwpose_hint(landmarks: str) -> Iterator[None]:
+    """An unusable DWPose file: the core's message, with the panel's way round it (Landmarks = offline)."""
+    try:
+        yield
+    except MissingWeightsError as exc:
+        if landmarks == "offline" or not any(DWPOSE_FILE in problem for problem in exc.problems):
+            raise
+        problems = [p for p in exc.problems if "--landmarks offline" not in p]
+        raise MissingWeightsError([*problems, PANEL_OFFLINE_HINT], exc.models_dir, exc.fetch_command) from None
 
 
 class AvatarActions:
@@ -57,6 +81,8 @@ class AvatarActions:
         extra_margin: float,
         parsing_mode: str,
         cheek_width: float,
+        max_side: float | None = 1920,
+        landmarks: str = "auto",
         progress=PROGRESS,
     ):
         """Preview how a video would be prepared: 4 frames across the clip, nothing is written.
@@ -67,15 +93,18 @@ class AvatarActions:
             extra_margin: pixels added below the chin
             parsing_mode: blend mask: jaw, raw or polygon
             cheek_width: width of the cheek part of the jaw mask
+            max_side: long-side cap in pixels (larger videos are scaled down to it; default 1920)
+            landmarks: auto (DWPose when its weight file is present), dwpose or offline (built-in face mesh)
         Returns:
             gallery: 4 images, each the annotated frame (face box green, crop box blue, mask line red, mask tinted) beside a generated frame
-            summary: Markdown with the adjustable bbox_shift range, the mask used and notes
+            summary: Markdown with the adjustable bbox_shift range, the mask and landmarks used, and notes
         """
         path = video_path(video)
-        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width, max_side, landmarks)
         models = self.wait_models(progress)
         progress(0.2, desc="Finding the face and generating preview frames")
-        result = preview_video(models, path, settings, count=4, cache=self.engine.preview_cache)
+        with dwpose_hint(settings.landmarks):
+            result = preview_video(models, path, settings, count=4, cache=self.engine.preview_cache)
         gallery = [
             (f.side_by_side(), f"frame {f.index}: mask line y={f.mask_line}, face box {f.box}") for f in result.frames
         ]
@@ -99,11 +128,15 @@ class AvatarActions:
         lines += [f"- {note}" for note in result.notes]
         return gallery, "\n\n".join(lines)
 
-    def auto_preview(self, video, bbox_shift, extra_margin, parsing_mode, cheek_width, progress=PROGRESS):
+    def auto_preview(
+        self, video, bbox_shift, extra_margin, parsing_mode, cheek_width, max_side, landmarks, progress=PROGRESS
+    ):
         """Preview on upload or when a setting changes; silent when there is no video yet."""
         if not video:
             return gr.skip(), gr.skip()
-        return self.preview(video, bbox_shift, extra_margin, parsing_mode, cheek_width, progress=progress)
+        return self.preview(
+            video, bbox_shift, extra_margin, parsing_mode, cheek_width, max_side, landmarks, progress=progress
+        )
 
     @operator_errors
     def prepare(
@@ -115,6 +148,8 @@ class AvatarActions:
         parsing_mode: str,
         cheek_width: float,
         replace: bool,
+        max_side: float | None = 1920,
+        landmarks: str = "auto",
         progress=PROGRESS,
     ) -> dict:
         """Prepare an avatar from a video (can take minutes on CPU; `cancel_prepare` stops it).
@@ -127,6 +162,8 @@ class AvatarActions:
             parsing_mode: blend mask: jaw, raw or polygon
             cheek_width: width of the cheek part of the jaw mask
             replace: replace an existing avatar of this name
+            max_side: long-side cap in pixels (larger videos are scaled down to it; default 1920)
+            landmarks: auto (DWPose when its weight file is present), dwpose or offline (built-in face mesh)
         Returns:
             the new avatar's manifest (frames, fps, size, parameters, disk size, created)
         """
@@ -134,24 +171,26 @@ class AvatarActions:
         name = validate_name((name or "").strip())
         if self.store.exists(name) and not replace:
             raise AvatarError(f"An avatar named {name!r} already exists: tick 'Replace' or pick another name.")
-        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
-        return self._run_preparation(
-            path, name, settings, progress, "replace" if self.store.exists(name) else "prepare"
-        )
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width, max_side, landmarks)
+
+        def run(models: Models, kept: Path, report, cancel) -> AvatarManifest:
+            return prepare_avatar(models, self.store, kept, name, settings, progress=report, cancel=cancel)
+
+        action = "replace" if self.store.exists(name) else "prepare"
+        return self._run_preparation(path, name, run, settings, progress, action)
 
     def _run_preparation(
-        self, path: Path, name: str, settings: PrepareSettings, progress: gr.Progress, action: str
+        self, path: Path, name: str, run: Run, settings: PrepareSettings, progress: gr.Progress, action: str
     ) -> dict:
+        """`run(models, kept source, progress callback, cancel event)` with the source kept beside the avatars."""
         models = self.wait_models(progress)
         self.engine.begin_preparing(name, action)  # refused while the bot uses this avatar
         try:
             cancel = self.engine.new_cancel()
             kept = self.engine.keep_source(path, name)
             try:
-                manifest = prepare_avatar(
-                    models, self.store, kept, name, settings,
-                    progress=lambda f, msg: progress(f, desc=msg), cancel=cancel,
-                )  # fmt: skip
+                with dwpose_hint(settings.landmarks):
+                    manifest = run(models, kept, lambda f, msg: progress(f, desc=msg), cancel)
             except PreparationCancelled as exc:
                 raise gr.Error(message(str(exc)), title="Cancelled", print_exception=False) from None
             finally:
@@ -180,9 +219,14 @@ class AvatarActions:
         parsing_mode: str,
         cheek_width: float,
         video: str | None = None,
+        max_side: float | None = 1920,
+        landmarks: str = "auto",
         progress=PROGRESS,
     ) -> dict:
-        """Prepare an existing avatar again with new settings, from its kept source video (refused while the bot uses it).
+        """Prepare an existing avatar again with new settings and the current rules, from its kept source video.
+
+        Avatars made by older preprocessing rules (manifest format 1) come out in the current format.
+        Refused while the bot uses the avatar.
 
         Args:
             name: the avatar to re-prepare
@@ -191,6 +235,8 @@ class AvatarActions:
             parsing_mode: blend mask: jaw, raw or polygon
             cheek_width: width of the cheek part of the jaw mask
             video: used only when the avatar's source video no longer exists
+            max_side: long-side cap in pixels (larger videos are scaled down to it; default 1920)
+            landmarks: auto (DWPose when its weight file is present), dwpose or offline (built-in face mesh)
         Returns:
             the avatar's new manifest
         """
@@ -206,8 +252,15 @@ class AvatarActions:
                     "in 'Video' above, then press Re-prepare again."
                 )
             source = Path(video)
-        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width)
-        return self._run_preparation(source, name, settings, progress, "re-prepare")
+        settings = prepare_settings(bbox_shift, extra_margin, parsing_mode, cheek_width, max_side, landmarks)
+        changes = {k: v for k, v in settings.to_dict().items() if k != "max_seconds"}  # the stored clip length stays
+
+        def run(models: Models, kept: Path, report, cancel) -> AvatarManifest:
+            return reprepare_avatar(
+                models, self.store, name, video_path=kept, progress=report, cancel=cancel, **changes
+            )  # fmt: skip
+
+        return self._run_preparation(source, name, run, settings, progress, "re-prepare")
 
     def list_avatars(self) -> list[dict]:
         """Every avatar: prepared ones with their manifest, damaged ones (unreadable manifest) with why.
@@ -215,7 +268,9 @@ class AvatarActions:
         Returns:
             a list sorted by name; each entry has `name`, `damaged` and `reason` (why it is damaged, else
             null); a prepared avatar also has its manifest (frames, fps, size, parameters, disk size,
-            created, source video); a damaged one has `kept_source` (its kept source video, or null)
+            created, source video, `format_version`), `landmark_source` (dwpose or offline; null when
+            not recorded) and `older_rules` (why to re-prepare it when older preprocessing rules made it,
+            else null); a damaged one has `kept_source` (its kept source video, or null)
         """
         entries = [{**manifest_dict(m), "damaged": False, "reason": None} for m in self.store.list()]
         for d in self.store.damaged():
@@ -299,22 +354,27 @@ class AvatarActions:
             [
                 {
                     "name": m["name"],
-                    "state": "ready",
+                    "state": "ready, older rules: re-prepare" if m["older_rules"] else "ready",
                     "frames": m["frame_count"],
                     "seconds": m["seconds"],
                     "size": f"{m['frame_size'][0]}×{m['frame_size'][1]}",
                     "bbox_shift": m["preparation"].get("bbox_shift"),
                     "mask": m["preparation"].get("mask_mode_used"),
+                    "landmarks": m["landmark_source"] or "not recorded",
+                    "format": m["format_version"],
                     "disk": format_bytes(m["disk_bytes"]),
                     "created": m["created"],
                 }
                 for m in manifests
             ]
             + [{"name": d["name"], "state": f"DAMAGED: {d['reason']}"} for d in damaged],
-            columns=["name", "state", "frames", "seconds", "size", "bbox_shift", "mask", "disk", "created"],
+            columns=list(LIBRARY_COLUMNS),
         ).sort_values("name", ignore_index=True)
         value = selected if selected in names else (names[0] if names else None)
-        note = damaged_markdown(damaged) if damaged else ""
+        older = [m for m in manifests if m["older_rules"]]
+        note = "\n\n".join(
+            ([older_markdown(older)] if older else []) + ([damaged_markdown(damaged)] if damaged else [])
+        )
         if not names:
             note = "No avatars yet: upload a video above, check the preview, then press **Prepare**."
         return gallery, table, gr.Dropdown(choices=names, value=value), note
@@ -344,6 +404,9 @@ class AvatarActions:
         video = m["source_video"] if m["source_exists"] else None
         if video is None:
             gr.Warning(f"The source video of {name!r} is gone: upload it again to preview.")
+        # An avatar made by older rules comes back with today's size cap and landmark choice.
+        today = PrepareSettings()
+        current = not m["older_rules"]
         return (
             video,
             name,
@@ -352,6 +415,8 @@ class AvatarActions:
             prep.get("extra_margin", 10),
             prep.get("parsing_mode", "jaw"),
             prep.get("cheek_width", 90),
+            prep.get("max_side", today.max_side) if current else today.max_side,
+            prep.get("landmarks", today.landmarks) if current else today.landmarks,
         )
 
     @operator_errors
@@ -404,6 +469,15 @@ def build(actions: AvatarActions) -> SimpleNamespace:
                     label="Cheek width",
                     info="Width of the cheek part of the jaw mask.",
                 )
+                with gr.Row():
+                    max_side = gr.Number(
+                        value=PrepareSettings().max_side, minimum=256, step=64, precision=0, label="Max side (px)",
+                        info="Longer sides are scaled down to this; smaller videos keep their native size.", scale=1,
+                    )  # fmt: skip
+                    landmarks = gr.Radio(
+                        [("Auto", "auto"), ("DWPose", "dwpose"), ("Offline face mesh", "offline")],
+                        value=PrepareSettings().landmarks, label="Landmarks", info=LANDMARKS_HELP, scale=2,
+                    )  # fmt: skip
                 preview_btn = gr.Button("Preview", variant="secondary", elem_id="preview-btn")
             with gr.Column(scale=3):
                 preview_gallery = gr.Gallery(
@@ -466,7 +540,8 @@ def build(actions: AvatarActions) -> SimpleNamespace:
 def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown], refresh_dropdowns) -> None:
     """Events of the tab; `dropdowns` (the Live and Render avatar pickers) follow the library."""
     store = actions.store
-    settings_in = [c.video, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width]
+    settings_in = [c.video, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.max_side, c.landmarks]
+    extra_in = [c.max_side, c.landmarks]  # added after the older API inputs, so calls without them keep working
     library_out = [c.library_gallery, c.library_table, c.lib_select, c.library_empty]
     preview_out = [c.preview_gallery, c.preview_info]
     hide_confirm = lambda: gr.Row(visible=False)  # noqa: E731
@@ -476,7 +551,8 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
         api_name="preview", concurrency_id="preview", concurrency_limit=1,
     )  # fmt: skip
     gr.on(
-        [c.video.upload, c.bbox_shift.release, c.extra_margin.release, c.cheek_width.release, c.parsing_mode.input],
+        [c.video.upload, c.bbox_shift.release, c.extra_margin.release, c.cheek_width.release, c.parsing_mode.input,
+         c.max_side.submit, c.landmarks.input],
         actions.auto_preview, settings_in, preview_out,
         api_visibility="private", concurrency_id="preview", concurrency_limit=1, trigger_mode="always_last",
     )  # fmt: skip
@@ -491,7 +567,7 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
         return (note, *actions.refresh_library(manifest["name"]), *refresh_dropdowns(live, render_pick))
 
     c.prepare_btn.click(
-        actions.prepare, [c.video, c.name, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.replace], c.prepared,
+        actions.prepare, [c.video, c.name, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.replace, *extra_in], c.prepared,
         api_name="prepare", concurrency_id="prepare", concurrency_limit=1, show_progress_on=c.prepare_note,
     ).success(after_prepare, [c.prepared, *dropdowns], [c.prepare_note, *library_out, *dropdowns], api_visibility="private")  # fmt: skip
     c.cancel_btn.click(
@@ -517,12 +593,12 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
     ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
         refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
     )
-    editor = [c.video, c.name, c.replace, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width]
+    editor = [c.video, c.name, c.replace, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, *extra_in]
     c.edit_btn.click(actions.load_into_editor, c.lib_select, editor, api_visibility="private").success(
         actions.auto_preview, settings_in, preview_out, api_visibility="private", concurrency_id="preview", concurrency_limit=1,
     )  # fmt: skip
     c.reprepare_btn.click(
-        actions.reprepare_avatar, [c.lib_select, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.video], c.prepared,
+        actions.reprepare_avatar, [c.lib_select, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.video, *extra_in], c.prepared,
         api_name="reprepare_avatar", concurrency_id="prepare", concurrency_limit=1, show_progress_on=c.prepare_note,
     ).success(
         lambda m: f"Avatar **{m['name']}** prepared again ({m['frame_count']} frames).", c.prepared, c.prepare_note,

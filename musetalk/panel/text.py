@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from musetalk.avatar.store import AvatarManifest
+from musetalk.avatar.store import FORMAT_VERSION, AvatarManifest
 from musetalk.bot.transports import DEFAULT_PORT
 from musetalk.config import FETCH_COMMAND, PrepareSettings
 from musetalk.errors import MediaError
@@ -27,6 +27,16 @@ SPEECH_MODE_HELP = (
     "room or on the local page)."
 )
 WEIGHT_COLUMNS = ("file", "part", "kind", "state", "size", "note")
+OLDER_RULES = "made with older preprocessing rules — re-prepare for MuseTalk's exact crops/masks"
+LANDMARKS_HELP = (
+    "DWPose = MuseTalk's own landmark model (needs the optional file models/dwpose/dw-ll_ucoco_384.onnx); "
+    "offline = the built-in face mesh; auto = DWPose when that file is there, else offline."
+)
+REPREPARE_HOW = (
+    "Press **Load into the editor above** (its settings, with today's Max side and Landmarks), then "
+    "**Re-prepare with the settings above**: it uses the kept source video."
+)
+PANEL_OFFLINE_HINT = "or set Landmarks to 'Offline face mesh' above and run it again"
 
 
 def format_duration(seconds: float) -> str:
@@ -34,13 +44,31 @@ def format_duration(seconds: float) -> str:
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-def prepare_settings(bbox_shift: float, extra_margin: float, parsing_mode: str, cheek_width: float) -> PrepareSettings:
+def prepare_settings(
+    bbox_shift: float,
+    extra_margin: float,
+    parsing_mode: str,
+    cheek_width: float,
+    max_side: float | None = None,
+    landmarks: str | None = None,
+) -> PrepareSettings:
+    """The editor's values as settings; an empty max_side or landmarks choice means the default."""
+    defaults = PrepareSettings()
     return PrepareSettings(
         bbox_shift=int(bbox_shift),
         extra_margin=int(extra_margin),
         parsing_mode=parsing_mode,
         cheek_width=int(cheek_width),
+        max_side=defaults.max_side if max_side is None else int(max_side),
+        landmarks=landmarks or defaults.landmarks,
     )
+
+
+def older_rules(manifest: dict[str, Any]) -> str | None:
+    """Why an avatar should be prepared again (older format, or no landmark source recorded), else None."""
+    if manifest.get("format_version", 0) < FORMAT_VERSION or "landmark_source" not in manifest.get("preparation", {}):
+        return OLDER_RULES
+    return None
 
 
 def video_path(video: Any) -> Path:
@@ -57,6 +85,8 @@ def manifest_dict(manifest: AvatarManifest) -> dict[str, Any]:
     data["frame_size"] = list(manifest.frame_size)
     data["seconds"] = round(manifest.frame_count / manifest.fps, 2) if manifest.fps else None
     data["source_exists"] = bool(manifest.source_video) and Path(manifest.source_video).is_file()
+    data["landmark_source"] = manifest.preparation.get("landmark_source")
+    data["older_rules"] = older_rules(data)
     return data
 
 
@@ -72,6 +102,9 @@ def manifest_markdown(m: dict[str, Any]) -> str:
             "Mask",
             f"{prep.get('parsing_mode')} asked, {prep.get('mask_mode_used')} used; cheek width {prep.get('cheek_width')}",
         ),
+        ("Landmarks", m.get("landmark_source") or "not recorded (older rules)"),
+        ("Max side", prep.get("max_side", "not recorded (older rules)")),
+        ("Format", f"{m['format_version']} ({'older' if m.get('older_rules') else 'current'} rules)"),
         ("Frames without a face", len(prep.get("frames_without_face", [])) or "none"),
         ("Disk", format_bytes(m["disk_bytes"])),
         ("Created", m["created"]),
@@ -81,7 +114,10 @@ def manifest_markdown(m: dict[str, Any]) -> str:
         ),
         ("Prepared with", prep.get("models", "?")),
     ]
-    text = f"#### {m['name']}\n\n| Property | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+    text = f"#### {m['name']}\n\n"
+    if m.get("older_rules"):
+        text += f"**This avatar was {m['older_rules']}.** {REPREPARE_HOW}\n\n"
+    text += "| Property | Value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
     if m.get("notes"):
         text += "\n\n" + "\n".join(f"- {note}" for note in m["notes"])
     return text
@@ -112,6 +148,16 @@ def damaged_markdown(entries: list[dict[str, Any]]) -> str:
         lines.append(line)
     lines.append("\nPick it in *Selected avatar*, press **Delete…**, then prepare it again from its video.")
     return "\n".join(lines)
+
+
+def older_markdown(entries: list[dict[str, Any]]) -> str:
+    """Avatars made by older preprocessing rules: which, and how to bring them up to date."""
+    names = ", ".join(f"`{m['name']}`" for m in entries)
+    many = len(entries) > 1
+    return (
+        f"**{len(entries)} avatar{'s' if many else ''} {OLDER_RULES}:** {names}. They still load and render. "
+        f"Pick one in *Selected avatar*: {REPREPARE_HOW[0].lower()}{REPREPARE_HOW[1:]}"
+    )
 
 
 def suggest_name(video: str | None, current: str, taken: list[str]) -> str:
