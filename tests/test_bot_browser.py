@@ -17,13 +17,20 @@ What is asserted (measured on what the browser received, nothing stamped into fr
 and printed: fps, receive-to-display delay, mouth-onset latency (microphone speech onset ->
 first moving mouth on screen), the bot's audio latency, the A/V offset between the bot's
 voice and the mouth, and the bot's own figures from /api/status.
+
+A second test opens the page in two Chromiums at once (silent microphones, small avatars), the
+second with `?avatar=astro-mirror` (the astronaut clip mirrored, prepared into the same store):
+each viewer gets its own session and its own avatar's video at >= 20 fps, /api/status counts 2
+viewers; when viewer 2's tab closes its session ends (1 viewer) and viewer 1's video goes on.
 """
 
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -32,9 +39,10 @@ import wave
 from pathlib import Path
 
 import cv2
+import media
 import numpy as np
 import pytest
-from browser import Chromium, find_chromium
+from browser import Chromium, Page, find_chromium
 from netns import SERVER_ADDRESS, PrivateNetwork, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +53,11 @@ LEAD_SILENCE_S, TAIL_SILENCE_S = 2.0, 2.5
 # With the product's default 0.2 s budget every speech frame is then late and shown idle, by
 # design; a 2 s budget lets the slow device finish some of them, so the lip-sync is visible.
 LATENCY_BUDGET_S = 2.0
+# Two viewers: two Chromiums and the bot share the 2 cores, so small avatars, a shorter measurement.
+TWO_VIEWERS_MEASURE_S = 8.0
+AFTER_LEAVE_MEASURE_S = 3.0
+SMALL_SIDE = 256
+OTHER_AVATAR = "astro-mirror"
 
 MEASURE_JS = r"""
 (() => {
@@ -71,6 +84,7 @@ MEASURE_JS = r"""
     mt.video.requestVideoFrameCallback(onFrame);
   };
   mt.video.requestVideoFrameCallback(onFrame);
+  if (!cfg.audio) return true;
 
   const ac = new AudioContext();
   ac.resume();
@@ -85,6 +99,19 @@ MEASURE_JS = r"""
   const bot = level(new MediaStream(mt.stream.getAudioTracks()));
   m.timer = setInterval(() => { if (!m.done) m.audio.push([performance.now(), mic(), bot()]); }, 10);
   return true;
+})()
+"""
+
+# Frames recorded so far (handed over and forgotten; the recording goes on) and the video's
+# WebRTC counters now (received, decoded, dropped by the browser since the connection began).
+TAKE_FRAMES_JS = """
+(async () => {
+  const m = window.__musetalkMeasure;
+  const video = {};
+  (await window.musetalk.pc.getStats()).forEach((r) => {
+    if (r.type === "inbound-rtp" && r.kind === "video") Object.assign(video, r);
+  });
+  return { frames: m.frames.splice(0), errors: m.errors, video };
 })()
 """
 
@@ -170,7 +197,7 @@ def fmt(value: float | None, unit: str = "ms") -> str:
 
 
 @pytest.fixture
-def server_env(tiny_models_dir, prepared_avatar, avatar_store):
+def server_env(tiny_models_dir, avatar_store):
     return {
         **os.environ,
         "MUSETALK_MODELS_DIR": str(tiny_models_dir),
@@ -192,17 +219,15 @@ def wait_for_page(page, expression: str, timeout: float) -> object:
     return value
 
 
-def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, tmp_path):
-    env = server_env
-    mic_wav, cycle_s = fake_microphone(speech, tmp_path / "mic.wav")
-    log_path = tmp_path / "server.log"
-    port = 7861
-    url = f"http://{SERVER_ADDRESS}:{port}/"
+@contextlib.contextmanager
+def bot_server(net: PrivateNetwork, env: dict, avatar: str, port: int, log_path: Path, cwd: Path):
+    """This file run as `serve` inside the namespace; yields the process once its page is served.
 
-    with PrivateNetwork() as net, open(log_path, "w") as server_log:
+    On leaving, the bot is stopped with SIGINT (killed if it does not end within 30 s)."""
+    with open(log_path, "w") as server_log:
         server = net.popen(
-            [sys.executable, __file__, "serve", prepared_avatar.name, SERVER_ADDRESS, str(port), str(LATENCY_BUDGET_S)],
-            cwd=tmp_path, env=env, stdout=server_log, stderr=subprocess.STDOUT,
+            [sys.executable, __file__, "serve", avatar, SERVER_ADDRESS, str(port), str(LATENCY_BUDGET_S)],
+            cwd=cwd, env=env, stdout=server_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
             deadline = time.monotonic() + 120
@@ -210,44 +235,7 @@ def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, 
                 assert server.poll() is None, f"the server exited:\n{log_path.read_text()}"
                 time.sleep(0.2)
             assert "READY" in log_path.read_text(), log_path.read_text()
-
-            # A page on http://10.200.0.1 is not a "secure context", where browsers refuse the
-            # microphone; a person uses http://127.0.0.1 (secure) and this flag stands in for that.
-            secure = [f"--unsafely-treat-insecure-origin-as-secure=http://{SERVER_ADDRESS}:{port}"]
-            with Chromium(fake_audio=mic_wav, wrap=net.wrap, extra_flags=secure) as browser:
-                page = browser.new_page(url)
-                assert wait_for_page(page, "document.readyState === 'complete' && !!window.musetalk", 30)
-                assert "How to use" in page.evaluate("document.body.innerText")
-                page.evaluate("document.getElementById('start').click()", user_gesture=True)
-                connected = wait_for_page(
-                    page, "window.musetalk.pc && window.musetalk.pc.connectionState === 'connected' "
-                    "&& window.musetalk.video.videoWidth > 0 && window.musetalk.video.currentTime > 0", 45,
-                )  # fmt: skip
-                state = page.evaluate("document.getElementById('state').textContent")
-                assert connected, (
-                    f"no video: page state {state!r}; console {browser.console}\n{log_path.read_text()[-3000:]}"
-                )
-                assert "connected" in state
-                video_w, video_h = page.evaluate(
-                    "[window.musetalk.video.videoWidth, window.musetalk.video.videoHeight]"
-                )
-
-                box = face_box(prepared_avatar)
-                aw, ah = prepared_avatar.size
-                cfg = {"crop": CROP, "box": list(box), "videoW": aw, "videoH": ah}
-                assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg)}, user_gesture=True)
-                time.sleep(MEASURE_S)
-                data = page.evaluate(
-                    "(() => { const m = window.__musetalkMeasure; m.done = true; clearInterval(m.timer); "
-                    "return {frames: m.frames, audio: m.audio, errors: m.errors}; })()",
-                    timeout=60,
-                )
-                stats = page.evaluate(
-                    "(async () => { const out = {}; (await window.musetalk.pc.getStats()).forEach((r) => {"
-                    " if (r.type === 'inbound-rtp') out[r.kind] = r; }); return out; })()"
-                )
-                bot_status = page.evaluate("fetch('/api/status').then((r) => r.json())")
-                rx_fps_on_page = page.evaluate("window.musetalk.rxFps")
+            yield server
         finally:
             if server.poll() is None:
                 server.send_signal(signal.SIGINT)
@@ -256,11 +244,72 @@ def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, 
                 except subprocess.TimeoutExpired:
                     server.kill()
                     server.wait()
+
+
+def insecure_origin_flags(port: int) -> list[str]:
+    # A page on http://10.200.0.1 is not a "secure context", where browsers refuse the
+    # microphone; a person uses http://127.0.0.1 (secure) and this flag stands in for that.
+    return [f"--unsafely-treat-insecure-origin-as-secure=http://{SERVER_ADDRESS}:{port}"]
+
+
+def open_viewer(browser: Chromium, url: str, log_path: Path) -> tuple[Page, tuple[int, int]]:
+    """Open the page, click Start and wait for the avatar's video; returns the page and the video size."""
+    page = browser.new_page(url)
+    assert wait_for_page(page, "document.readyState === 'complete' && !!window.musetalk", 30)
+    assert "How to use" in page.evaluate("document.body.innerText")
+    page.evaluate("document.getElementById('start').click()", user_gesture=True)
+    connected = wait_for_page(
+        page, "window.musetalk.pc && window.musetalk.pc.connectionState === 'connected' "
+        "&& window.musetalk.video.videoWidth > 0 && window.musetalk.video.currentTime > 0", 45,
+    )  # fmt: skip
+    state = page.evaluate("document.getElementById('state').textContent")
+    assert connected, (
+        f"no video on {url}: page state {state!r}; console {browser.console}\n{log_path.read_text()[-3000:]}"
+    )
+    assert "connected" in state
+    video_w, video_h = page.evaluate("[window.musetalk.video.videoWidth, window.musetalk.video.videoHeight]")
+    return page, (video_w, video_h)
+
+
+def start_measuring(page: Page, avatar, box, *, audio: bool) -> None:
+    aw, ah = avatar.size
+    cfg = {"crop": CROP, "box": list(box), "videoW": aw, "videoH": ah, "audio": audio}
+    assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg)}, user_gesture=True)
+
+
+def bot_status_of(page: Page) -> dict:
+    return page.evaluate("fetch('/api/status', {cache: 'no-store'}).then((r) => r.json())")
+
+
+def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, tmp_path):
+    mic_wav, cycle_s = fake_microphone(speech, tmp_path / "mic.wav")
+    log_path = tmp_path / "server.log"
+    port = 7861
+    url = f"http://{SERVER_ADDRESS}:{port}/"
+
+    with PrivateNetwork() as net, bot_server(net, server_env, prepared_avatar.name, port, log_path, tmp_path) as server:
+        with Chromium(fake_audio=mic_wav, wrap=net.wrap, extra_flags=insecure_origin_flags(port)) as browser:
+            page, video_size = open_viewer(browser, url, log_path)
+            box = face_box(prepared_avatar)
+            start_measuring(page, prepared_avatar, box, audio=True)
+            time.sleep(MEASURE_S)
+            data = page.evaluate(
+                "(() => { const m = window.__musetalkMeasure; m.done = true; clearInterval(m.timer); "
+                "return {frames: m.frames, audio: m.audio, errors: m.errors}; })()",
+                timeout=60,
+            )
+            stats = page.evaluate(
+                "(async () => { const out = {}; (await window.musetalk.pc.getStats()).forEach((r) => {"
+                " if (r.type === 'inbound-rtp') out[r.kind] = r; }); return out; })()"
+            )
+            bot_status = bot_status_of(page)
+            rx_fps_on_page = page.evaluate("window.musetalk.rxFps")
     server_output = log_path.read_text()
     assert server.returncode == 0, server_output[-3000:]
-    assert "viewer connected" in server_output and "STOPPED stopped" in server_output, server_output[-3000:]
+    assert re.search(r"viewer \S+ connected", server_output), server_output[-3000:]
+    assert "STOPPED stopped" in server_output, server_output[-3000:]
 
-    analyse(data, stats, bot_status, rx_fps_on_page, prepared_avatar, box, (video_w, video_h), cycle_s)
+    analyse(data, stats, bot_status, rx_fps_on_page, prepared_avatar, box, video_size, cycle_s)
 
 
 def analyse(data, stats, bot_status, rx_fps_on_page, avatar, box, video_size, cycle_s) -> None:
@@ -361,6 +410,154 @@ def analyse(data, stats, bot_status, rx_fps_on_page, avatar, box, video_size, cy
     # (On this CPU only part of the speech frames are generated in time; the rest are shown idle.)
     assert moving[speaking].sum() >= 5 and moving[speaking].mean() > 0.1, "the mouth hardly moved while the bot spoke"
     assert mouth_latencies, "no moving mouth after a speech onset"
+
+
+@pytest.fixture(scope="module")
+def two_small_avatars(models, avatar_store, face_video, tmp_path_factory):
+    """Two small avatars in the bot's store: the astronaut (the bot's own) and the same clip
+    mirrored (`?avatar=astro-mirror`), so that every frame of one differs from the other's.
+    1 s at 256x256 with the landmark-polygon mask: cheap to prepare and to stream."""
+    from musetalk.avatar.prepare import prepare_avatar
+    from musetalk.config import PrepareSettings
+    from musetalk.media import read_video, write_mp4
+
+    folder = tmp_path_factory.mktemp("two-viewers")
+    settings = PrepareSettings(parsing_mode="polygon", max_side=SMALL_SIDE, max_seconds=1.0)
+    frames, info = read_video(face_video, max_side=SMALL_SIDE, max_seconds=1.0)
+    mirrored = write_mp4(
+        folder / "astronaut-mirrored.mp4", (np.ascontiguousarray(f[:, ::-1]) for f in frames),
+        frame_count=len(frames), size=info.size, audio_path=media.silence_wav(folder / "silence.wav", seconds=1.0),
+    )  # fmt: skip
+    prepare_avatar(models, avatar_store, face_video, "astro-small", settings)
+    prepare_avatar(models, avatar_store, mirrored, OTHER_AVATAR, settings)
+    return avatar_store.load("astro-small"), avatar_store.load(OTHER_AVATAR)
+
+
+def wait_for_viewers(page: Page, count: int, timeout: float) -> tuple[dict, float]:
+    """Poll the bot's /api/status until it reports `count` viewers; returns the last status and the seconds it took."""
+    start = time.monotonic()
+    status = bot_status_of(page)
+    while status.get("viewers") != count and time.monotonic() - start < timeout:
+        time.sleep(0.1)
+        status = bot_status_of(page)
+    return status, time.monotonic() - start
+
+
+def match_avatars(frames: list[dict], own_refs: np.ndarray, other_refs: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Per frame: the mean grey difference to the nearest frame of its own avatar and of the other one."""
+    got = np.stack(
+        [np.frombuffer(base64.b64decode(f["g"]), np.uint8).reshape(CROP, CROP).astype(np.float32) for f in frames]
+    )
+
+    def nearest(refs: np.ndarray) -> np.ndarray:
+        return np.min([np.abs(got - ref).mean(axis=(1, 2)) for ref in refs], axis=0)
+
+    return nearest(own_refs), nearest(other_refs)
+
+
+def presented_fps(frames: list[dict]) -> tuple[float, float]:
+    """(frames per second presented, seconds spanned) between the first and the last callback.
+
+    Counted with the browser's own `presentedFrames`: a callback the page's busy main thread
+    missed still counts the frames the browser presented meanwhile."""
+    t = np.array([f["t"] for f in frames])
+    span_s = (t[-1] - t[0]) / 1000 if len(t) >= 2 else 0.0
+    presented = frames[-1]["n"] - frames[0]["n"] if len(t) >= 2 else 0
+    return (presented / span_s if span_s > 0 else 0.0), span_s
+
+
+def judge_viewer(label: str, taken: dict, before: dict, refs: dict, own: str, window_s: float) -> list[str]:
+    """One viewer's recording: prints its figures, returns what fails (>= 20 fps presented, its
+    own avatar's frames and not the other's)."""
+    frames = taken["frames"]
+    if taken["errors"] or len(frames) < 2 * window_s:
+        return [f"{label}: {len(frames)} frames presented in {window_s:.0f} s; page errors {taken['errors']}"]
+    fps, span_s = presented_fps(frames)
+    sizes = {(f["w"], f["h"]) for f in frames}
+    other = next(name for name in refs if name != own)
+    own_err, other_err = match_avatars(frames, refs[own], refs[other])
+    counts = {
+        k: taken["video"].get(k, 0) - before["video"].get(k, 0)
+        for k in ("framesReceived", "framesDecoded", "framesDropped")
+    }
+    print(
+        f"{label}: {fps:.1f} fps presented over {span_s:.1f} s ({len(frames)} frame callbacks, {sorted(sizes)}; "
+        f"received {counts['framesReceived']}, decoded {counts['framesDecoded']}, dropped {counts['framesDropped']}); "
+        f"difference to the nearest frame of {own} p50 {np.median(own_err):.1f} (max {own_err.max():.1f}), "
+        f"of {other} p50 {np.median(other_err):.1f} (min {other_err.min():.1f})"
+    )
+    checks = [
+        (span_s >= 0.75 * window_s, f"only {span_s:.1f} s of video"),
+        (fps >= 20.0, f"{fps:.1f} fps presented"),
+        (sizes == {(SMALL_SIDE, SMALL_SIDE)}, f"video size {sorted(sizes)}"),
+        (np.median(own_err) < 12, f"does not show {own}'s idle frames"),
+        ((own_err < other_err).mean() >= 0.95, f"shows frames of {other}"),
+    ]
+    return [f"{label}: {problem}" for ok, problem in checks if not ok]
+
+
+def test_two_viewers_each_get_their_own_avatar(server_env, two_small_avatars, tmp_path):
+    avatar, other = two_small_avatars
+    quiet = media.silence_wav(tmp_path / "quiet.wav", seconds=2.0)
+    log_path = tmp_path / "server.log"
+    port = 7862
+    url = f"http://{SERVER_ADDRESS}:{port}/"
+    box1, box2 = face_box(avatar), face_box(other)
+    # Both avatars sampled in each viewer's face box: a viewer's frames must be nearer its own.
+    refs1 = {
+        avatar.name: reference_crops(avatar, box1, avatar.size),
+        other.name: reference_crops(other, box1, avatar.size),
+    }
+    refs2 = {
+        avatar.name: reference_crops(avatar, box2, other.size),
+        other.name: reference_crops(other, box2, other.size),
+    }
+
+    with PrivateNetwork() as net, bot_server(net, server_env, avatar.name, port, log_path, tmp_path) as server:
+        flags = insecure_origin_flags(port)
+        with (
+            Chromium(fake_audio=quiet, wrap=net.wrap, extra_flags=flags) as browser1,
+            Chromium(fake_audio=quiet, wrap=net.wrap, extra_flags=flags) as browser2,
+        ):
+            page1, size1 = open_viewer(browser1, url, log_path)
+            page2, size2 = open_viewer(browser2, f"{url}?avatar={other.name}", log_path)
+            both, _ = wait_for_viewers(page1, 2, timeout=10)
+            assert both.get("viewers") == 2, f"/api/status with two viewers: {both}"
+            start_measuring(page1, avatar, box1, audio=False)
+            start_measuring(page2, other, box2, audio=False)
+            start1, start2 = page1.evaluate(TAKE_FRAMES_JS), page2.evaluate(TAKE_FRAMES_JS)
+            time.sleep(TWO_VIEWERS_MEASURE_S)
+            together1, together2 = (
+                page1.evaluate(TAKE_FRAMES_JS, timeout=60),
+                page2.evaluate(TAKE_FRAMES_JS, timeout=60),
+            )
+
+            # Viewer 2 closes its tab (the page's pagehide closes its peer connection): its session ends.
+            page2.call("Page.close")
+            alone, left_after_s = wait_for_viewers(page1, 1, timeout=10)
+            leaving1 = page1.evaluate(TAKE_FRAMES_JS, timeout=60)  # shown while viewer 2 was leaving: not judged
+            time.sleep(AFTER_LEAVE_MEASURE_S)
+            after1 = page1.evaluate(TAKE_FRAMES_JS, timeout=60)
+            still_connected = page1.evaluate("window.musetalk.pc && window.musetalk.pc.connectionState")
+    server_output = log_path.read_text()
+    assert server.returncode == 0, server_output[-3000:]
+    assert len(re.findall(r"viewer \S+ connected", server_output)) == 2, server_output[-3000:]
+    assert re.search(r"viewer \S+ left", server_output), server_output[-3000:]
+
+    print(
+        "\n=== two browser viewers of one bot (two headless Chromiums, private netns) ===\n"
+        f"videos {size1[0]}x{size1[1]} ({avatar.name}) and {size2[0]}x{size2[1]} ({other.name}?avatar=)\n"
+        f"bot status with both: viewers {both.get('viewers')}, fps {both.get('fps')}; "
+        f"after viewer 2 closed its tab: viewers {alone.get('viewers')} after {left_after_s:.1f} s"
+    )
+    problems = [
+        *judge_viewer("viewer 1 (both watching)", together1, start1, refs1, avatar.name, TWO_VIEWERS_MEASURE_S),
+        *judge_viewer("viewer 2 (both watching)", together2, start2, refs2, other.name, TWO_VIEWERS_MEASURE_S),
+        *judge_viewer("viewer 1 (after viewer 2 left)", after1, leaving1, refs1, avatar.name, AFTER_LEAVE_MEASURE_S),
+    ]
+    assert alone.get("viewers") == 1, f"viewer 2 closed its tab, but its session did not end within 10 s: {alone}"
+    assert still_connected == "connected", f"viewer 1's connection is {still_connected!r} after viewer 2 left"
+    assert not problems, "; ".join(problems)
 
 
 def serve(avatar: str, host: str, port: str, latency_budget_s: str) -> int:
