@@ -258,3 +258,28 @@ def test_viewers_get_their_own_sessions_and_a_crash_ends_only_its_viewer(runner,
     assert port_is_free("127.0.0.1", port)
     leaked = wait_no_new_threads(before)
     assert not leaked, f"threads left: {leaked}"
+
+
+def test_viewers_past_capacity_or_with_an_unknown_avatar_are_refused_with_the_reason(models, prepared_avatar, avatar_store):
+    """The refusal reaches the viewer's page as the HTTP answer to its offer (not only a server log)."""
+    from musetalk.live.service import GenerationService, ServiceSettings
+
+    service = GenerationService(models, ServiceSettings(max_sessions=1))
+    runner = BotRunner(models, service=service)
+    try:
+        status = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+        with httpx.Client(base_url=status.url, timeout=30) as http:
+            unknown = http.post(
+                "/api/offer", json={"sdp": candidate_free_offer(), "type": "offer", "request_data": {"avatar": "nobody"}}
+            )
+            assert unknown.status_code == 503 and "No avatar named 'nobody'" in unknown.json()["detail"]
+            first = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"})
+            assert first.status_code == 200, first.text
+            assert wait_until(lambda: service.stats().sessions == 1), service.stats()
+            second = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"})
+            assert second.status_code == 503
+            assert "This device serves 1 sessions at 25 fps; 1 are running" in second.json()["detail"]
+        assert runner.status().viewers == 1
+    finally:
+        runner.stop(timeout=10)
+        service.close()

@@ -106,6 +106,7 @@ class _Session:
     connection: Any = None  # SmallWebRTCConnection (local only)
     task: asyncio.Task | None = None
     viewer: bool = False  # a local viewer: its failure ends only this session
+    avatar_name: str | None = None
 
 
 def readable(exc: BaseException) -> str:
@@ -153,6 +154,7 @@ class BotRun:
         self.loop: asyncio.AbstractEventLoop | None = None
         self.sessions: dict[str, _Session] = {}
         self._viewer_avatars: dict[str, Avatar] = {}  # avatars viewers asked for with ?avatar=NAME
+        self._admitting: set[str] = set()  # avatar names being loaded for a viewer's offer
         self._stop_event: asyncio.Event | None = None
         self._last_stats: Any = None
 
@@ -333,7 +335,9 @@ class BotRun:
         self.started.set()
 
     async def _main_local(self) -> None:
-        server = LocalWebRTCServer(self.settings, self._on_connection, status=self._public_status)
+        server = LocalWebRTCServer(
+            self.settings, self._on_connection, status=self._public_status, admit=self._admit_viewer
+        )
         await server.start()
         try:
             with self._lock:
@@ -462,6 +466,7 @@ class BotRun:
         finally:
             if self.sessions.get(session.key) is session:
                 del self.sessions[session.key]
+            self._release_viewer_avatars()
 
     async def _end_sessions(self, reason: str) -> None:
         for key in list(self.sessions):
@@ -470,6 +475,7 @@ class BotRun:
     async def _end_session(self, key: str, reason: str) -> None:
         """Cancel one pipeline and close its connection (idempotent)."""
         session = self.sessions.pop(key, None)
+        self._release_viewer_avatars()
         if session is None:
             return
         with contextlib.suppress(Exception):
@@ -498,6 +504,26 @@ class BotRun:
             self._viewer_avatars[name] = await asyncio.to_thread(self.store.load, name)
         return self._viewer_avatars[name]
 
+    def _release_viewer_avatars(self) -> None:
+        """Avatars picked by viewers who all left are no longer in use (they can be deleted, memory freed)."""
+        shown = {s.avatar_name for s in self.sessions.values()}
+        for name in [n for n in self._viewer_avatars if n not in shown and n not in self._admitting]:
+            del self._viewer_avatars[name]
+
+    async def _admit_viewer(self, request_data: Any) -> None:
+        """Before the offer is answered: refuse a viewer past capacity or asking for an unknown avatar."""
+        if self.stop_requested:
+            raise MuseTalkError("The bot is stopping.")
+        self._check_capacity()
+        name = request_data.get("avatar") if isinstance(request_data, dict) else None
+        if name:
+            self._admitting.add(str(name))  # kept until its connection starts (or fails to load)
+            try:
+                await self._viewer_avatar(request_data)
+            except BaseException:
+                self._admitting.discard(str(name))
+                raise
+
     def _check_capacity(self) -> None:
         """Refuse a viewer the shared service cannot serve in real time, before answering its offer."""
         service = self.service
@@ -520,6 +546,7 @@ class BotRun:
         self._check_capacity()
         avatar = await self._viewer_avatar(request_data)
         processor = await self._new_processor(avatar)
+        self._admitting.discard(avatar.name)
         transport = make_local_transport(connection, transport_params(processor))
         key = str(connection.pc_id)
 
@@ -533,7 +560,8 @@ class BotRun:
             # End it from a task of our own: this handler runs inside the transport.
             asyncio.get_running_loop().create_task(self._end_session(key, "the viewer left"))
 
-        await self._start_session(key, processor, transport, connection=connection)
+        session = await self._start_session(key, processor, transport, connection=connection)
+        session.avatar_name = avatar.name
 
 
 _DAILY_HINTS = (

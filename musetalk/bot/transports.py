@@ -259,12 +259,16 @@ class LocalWebRTCServer:
         on_connection: Callable[..., Awaitable[None]],
         *,
         status: Callable[[], dict[str, Any]] | None = None,
+        admit: Callable[[Any], Awaitable[None]] | None = None,
     ):
         if settings.kind != "local":
             raise ConfigError("LocalWebRTCServer needs TransportSettings(kind='local').")
         self.settings = settings
         self._on_connection = on_connection
         self._status = status or (lambda: {})
+        # Checked before an offer is answered: Pipecat's handler logs and swallows errors raised in
+        # `on_connection`, so a refusal (capacity, unknown avatar) must happen here to reach the viewer.
+        self._admit = admit
         self._socket: socket.socket | None = None
         self._server: Any = None  # uvicorn.Server
         self._serve_task: asyncio.Task | None = None
@@ -423,6 +427,15 @@ async def _offer(request: Request):
     keys = ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
     try:
         webrtc_request = SmallWebRTCRequest.from_dict({k: data[k] for k in keys if k in data})
+    except Exception as exc:
+        raise HTTPException(status_code=400, detail=f"Could not read this WebRTC offer: {exc}") from exc
+    if page._admit is not None and not webrtc_request.pc_id:  # a new viewer (not a renegotiation)
+        try:
+            await page._admit(webrtc_request.request_data)
+        except MuseTalkError as exc:
+            logger.info("Local page: refused a viewer: {}", exc)
+            raise HTTPException(status_code=503, detail=str(exc)) from exc
+    try:
         return await page._handler.handle_web_request(
             request=webrtc_request,
             # The page's `?avatar=NAME` travels in request_data; each viewer may pick its own avatar.

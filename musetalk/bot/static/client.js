@@ -141,7 +141,7 @@ async function start() {
       connecting: ["connecting", "busy"],
       connected: ["connected: speak!", "ok"],
       disconnected: ["connection lost, retrying", "busy"],
-      failed: ["connection failed (another viewer may have taken over)", "bad"],
+      failed: ["connection failed (the bot stopped, or the network blocks WebRTC)", "bad"],
       closed: ["closed", "bad"],
     };
     const [text, kind] = labels[s] || [s, "busy"];
