@@ -154,13 +154,20 @@ class StreamingAudioFeatures:
         self.reset()
 
     def reset(self) -> None:
-        self._audio = np.zeros(0, dtype=np.float32)
+        # Audio lives in one preallocated buffer, valid between _lo and _hi: appending a 20 ms chunk
+        # copies 20 ms, not the whole context (as concatenating would, 50 times a second per session).
+        self._buf = np.zeros(self.context_samples + 4 * AUDIO_SAMPLE_RATE, dtype=np.float32)
+        self._lo = self._hi = 0
         self._audio_start = 0  # global sample index of self._audio[0]; a multiple of 320
         self._next_frame = 0
 
     @property
+    def _audio(self) -> np.ndarray:
+        return self._buf[self._lo : self._hi]
+
+    @property
     def total_samples(self) -> int:
-        return self._audio_start + len(self._audio)
+        return self._audio_start + (self._hi - self._lo)
 
     @property
     def next_frame(self) -> int:
@@ -168,9 +175,22 @@ class StreamingAudioFeatures:
 
     def push(self, pcm: np.ndarray) -> list[ReadyFrame]:
         """Append 16 kHz mono float32 audio; return the frames whose look-ahead is now complete."""
-        self._audio = np.concatenate([self._audio, np.asarray(pcm, dtype=np.float32).reshape(-1)])
+        self._append(np.asarray(pcm, dtype=np.float32).reshape(-1))
         last_ready = (self.total_samples - LOOKAHEAD_SAMPLES) // SAMPLES_PER_VIDEO_FRAME
         return self._release(range(self._next_frame, last_ready + 1))
+
+    def _append(self, pcm: np.ndarray) -> None:
+        if self._hi + len(pcm) > len(self._buf):
+            kept = self._hi - self._lo
+            if kept + len(pcm) > len(self._buf):  # frames held back longer than the context: grow
+                grown = np.zeros(max(2 * len(self._buf), kept + len(pcm)), dtype=np.float32)
+                grown[:kept] = self._buf[self._lo : self._hi]
+                self._buf = grown
+            else:
+                self._buf[:kept] = self._buf[self._lo : self._hi]
+            self._lo, self._hi = 0, kept
+        self._buf[self._hi : self._hi + len(pcm)] = pcm
+        self._hi += len(pcm)
 
     def flush(self) -> list[ReadyFrame]:
         """End of utterance: release every remaining frame (request their features before `reset()`)."""
@@ -189,7 +209,7 @@ class StreamingAudioFeatures:
         ready = []
         for i in frames:
             a = i * SAMPLES_PER_VIDEO_FRAME - self._audio_start
-            pcm = self._audio[max(a, 0) : a + SAMPLES_PER_VIDEO_FRAME]
+            pcm = self._audio[max(a, 0) : a + SAMPLES_PER_VIDEO_FRAME].copy()  # the buffer is reused
             if len(pcm) < SAMPLES_PER_VIDEO_FRAME:
                 pcm = np.pad(pcm, (0, SAMPLES_PER_VIDEO_FRAME - len(pcm)))
             ready.append(ReadyFrame(index=i, pcm=pcm))
@@ -204,5 +224,5 @@ class StreamingAudioFeatures:
         keep_from = min(keep_from, self._next_frame * SAMPLES_PER_VIDEO_FRAME)
         drop = (keep_from - self._audio_start) // SAMPLES_PER_FEATURE * SAMPLES_PER_FEATURE
         if drop > 0:
-            self._audio = self._audio[drop:]
+            self._lo += drop
             self._audio_start += drop

@@ -169,3 +169,24 @@ def test_stereo_is_the_mean_of_the_channels_then_16k(tmp_path):
     decoded = load_audio(m4a)
     rms = float(np.sqrt(np.mean(decoded[3200:28800] ** 2)))
     assert abs(rms - np.sqrt(0.3**2 / 2 + 0.1**2 / 2)) < 0.01  # 0.2236: the mean, not a louder downmix
+
+
+def test_streaming_buffer_keeps_exact_audio_over_long_sessions():
+    """50 s pushed in 20 ms chunks through a 5 s context: every released frame's audio and every
+    request window equal the input exactly, and the buffer stays bounded (it is reused, not regrown)."""
+    from musetalk.audio import SAMPLES_PER_FEATURE, SAMPLES_PER_VIDEO_FRAME, StreamingAudioFeatures
+
+    audio = np.random.default_rng(0).standard_normal(16000 * 50).astype(np.float32)
+    stream = StreamingAudioFeatures(context_seconds=5.0)
+    released = {}
+    for start in range(0, len(audio), 320):
+        for ready in stream.push(audio[start : start + 320]):
+            released[ready.index] = ready.pcm
+        if start % 16000 == 0 and released:
+            request = stream.request([max(released)])
+            first = request.first_feature * SAMPLES_PER_FEATURE
+            assert np.array_equal(request.window, audio[first : first + len(request.window)])
+    assert len(released) == len(audio) // SAMPLES_PER_VIDEO_FRAME - 3  # the last frames wait for look-ahead
+    for index, pcm in released.items():
+        assert np.array_equal(pcm, audio[index * SAMPLES_PER_VIDEO_FRAME : (index + 1) * SAMPLES_PER_VIDEO_FRAME])
+    assert stream._buf.nbytes <= (5 + 4) * 16000 * 4
