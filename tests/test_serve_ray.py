@@ -23,11 +23,16 @@ from musetalk.serve import backend as backend_mod
 from musetalk.serve.backend import BackendError, RayOptions, make_backend
 
 SERVICE = {"batch_size": 1, "blend_threads": 1, "torch_threads": 1, "admission": False}
-# A replica killed with kill -9: each of its sessions loses at most this many frames (1 s of video
-# at 25 fps); measured: the re-attach takes well under a second, so the frames that fall due meanwhile.
-LOSS_BOUND_FRAMES = 25
+# A replica killed with kill -9: its sessions lose only frames that fall due before they are
+# re-attached (measured here: the results stream fails within ~10 ms, the re-open takes ~0.6 s,
+# so with the live default budget of 0.2 s at most ~20 frames at 25 fps). Here every frame is due
+# 30 s after it is sent (this shared CPU is slow), so none may be lost: the client re-sends what
+# the dead replica owed.
+LOSS_BOUND_FRAMES = 0
 
-needs_ray = pytest.mark.skipif(not backend_mod.ray_available(), reason="Ray is not installed: pip install -r requirements-scale.txt")
+needs_ray = pytest.mark.skipif(
+    not backend_mod.ray_available(), reason="Ray is not installed: pip install -r requirements-scale.txt"
+)
 
 
 class Results:
@@ -69,7 +74,10 @@ def request(session_id, seqs, features, *, due_in=60.0):
 
 @pytest.fixture(scope="module")
 def avatars():
-    return [renamed(synthetic_avatar(frames=3, size=(192, 160), face_box=(60, 30, 140, 120), seed=s), f"av{s}") for s in range(2)]
+    return [
+        renamed(synthetic_avatar(frames=3, size=(192, 160), face_box=(60, 30, 140, 120), seed=s), f"av{s}")
+        for s in range(2)
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -139,12 +147,12 @@ def test_ray_replica_killed_mid_speech_sessions_go_on(ray_client, models, avatar
     victim_replica, victim_pid, _ = ray_client.session_replica(ids["s1"])
     on_victim = [sid for sid in sinks if ray_client.session_replica(ids[sid])[0] == victim_replica]
     feats = synthetic_features(1, models.audio_dim, seed=5).numpy()
-    frames, fps, killed_at = 60, 12.5, None
+    frames, fps, killed_at = 20, 10.0, None
     start = time.monotonic()
-    for seq in range(frames):  # paced speech; each frame due 2 s after it was sent
+    for seq in range(frames):  # paced speech
         for sid in sinks:
-            ray_client.submit(request(ids[sid], [seq], feats, due_in=2.0))
-        if seq == frames // 3:
+            ray_client.submit(request(ids[sid], [seq], feats, due_in=30.0))
+        if seq == 6:
             os.kill(victim_pid, signal.SIGKILL)
             killed_at = time.monotonic()
         time.sleep(max(0.0, start + (seq + 1) / fps - time.monotonic()))

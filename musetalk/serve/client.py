@@ -37,7 +37,7 @@ from musetalk.live.service import ServiceStats, SessionInfo
 from musetalk.serve.avatars import PackedAvatars
 from musetalk.serve.backend import BackendError
 from musetalk.serve.deployment import shift_due
-from musetalk.serve.router import PinnedRouter, pinned_id
+from musetalk.serve.router import KNOWN_REPLICAS, pinned_id
 
 Sink = Callable[[FrameResult], None]
 
@@ -51,6 +51,7 @@ class _Remote:
     replica: str = ""
     pid: int = 0
     closed: bool = False
+    attached: bool = True  # False while re-attaching: new frames wait in `pending`
     reattaches: int = 0
     pending: OrderedDict[int, FrameRequest] = field(default_factory=OrderedDict)  # id(request) -> request
     open_seqs: set[int] = field(default_factory=set)  # frames sent and not answered yet
@@ -205,7 +206,8 @@ class RayGenerationClient:
             return
         remote.pending[id(request)] = request
         remote.open_seqs.update(item.seq for item in request.items)
-        self._loop.create_task(self._send_now(remote, request))
+        if remote.attached:
+            self._loop.create_task(self._send_now(remote, request))
 
     async def _send_now(self, remote: _Remote, request: FrameRequest) -> None:
         replica = remote.replica
@@ -214,7 +216,7 @@ class RayGenerationClient:
         except Exception as exc:  # the replica died: the results stream notices and re-attaches
             logger.debug("submit for session {} failed: {}", remote.id, exc)
             return
-        if not known and not remote.closed and remote.replica == replica:
+        if not known and not remote.closed and remote.attached and remote.replica == replica:
             logger.warning("replica {} lost session {}: re-attaching", replica, remote.id)
             self._restart_pump(remote)
 
@@ -236,6 +238,7 @@ class RayGenerationClient:
             logger.debug("ignored: {}", exc)
 
     def _restart_pump(self, remote: _Remote) -> None:
+        remote.attached = False
         if remote.pump is not None:
             remote.pump.cancel()
         remote.pump = asyncio.run_coroutine_threadsafe(self._pump(remote, reattach=True), self._loop)
@@ -255,6 +258,7 @@ class RayGenerationClient:
                 raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            remote.attached = False
             if not remote.closed:
                 logger.warning(
                     "MuseTalk session {} lost replica {} ({}); re-attaching", remote.id, remote.replica, reason
@@ -282,6 +286,7 @@ class RayGenerationClient:
             try:
                 await asyncio.wait_for(self._open(remote, warm_up=False), timeout=max(1.0, deadline - time.monotonic()))
                 remote.reattaches += 1
+                remote.attached = True
                 for request in list(remote.pending.values()):
                     owed = tuple(item for item in request.items if item.seq in remote.open_seqs)
                     if owed:
@@ -305,7 +310,7 @@ class RayGenerationClient:
 
     async def _stats(self) -> list[ReplicaReport]:
         ids = set()
-        for replicas in PinnedRouter.known_replicas.values():
+        for replicas in KNOWN_REPLICAS.values():
             ids.update(replicas)
         if not ids:  # the router has not started yet: ask any replica once
             ids = {""}

@@ -10,10 +10,13 @@ re-attaches the session (`musetalk.serve.client`).
 
 from __future__ import annotations
 
+import importlib
+
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 from ray.serve.request_router import PendingRequest, RunningReplica
 
 PIN = "@"
+KNOWN_REPLICAS: dict[str, tuple[str, ...]] = {}  # deployment -> replica ids seen by this process's routers
 
 
 def pinned_id(avatar_key: str, replica: str) -> str:
@@ -23,13 +26,11 @@ def pinned_id(avatar_key: str, replica: str) -> str:
 class PinnedRouter(PowerOfTwoChoicesRequestRouter):
     """Power-of-two-choices with multiplexing, plus strict pins for open sessions."""
 
-    # Replica ids seen by the routers of this process, per deployment (read by the client's stats()).
-    known_replicas: dict[str, tuple[str, ...]] = {}
-
     def update_replicas(self, replicas: list[RunningReplica]) -> None:
         super().update_replicas(replicas)
-        key = str(self._deployment_id)
-        PinnedRouter.known_replicas[key] = tuple(sorted(r.replica_id.unique_id for r in replicas))
+        # Serve may hand this process a by-value copy of the class: record in the imported module.
+        module = importlib.import_module(__name__)
+        module.KNOWN_REPLICAS[str(self._deployment_id)] = tuple(sorted(r.replica_id.unique_id for r in replicas))
 
     async def choose_replicas(
         self, candidate_replicas: list[RunningReplica], pending_request: PendingRequest | None = None
