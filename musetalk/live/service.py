@@ -399,11 +399,11 @@ class GenerationService:
 
     def _drop_hopeless(self) -> None:
         """Frames that cannot be ready before they are due are given up (the session shows them idle)."""
-        estimate = self._estimate(self.batch_size)
+        queued = [p for s in self._sessions.values() for p in s.queue]
+        estimate = self._estimate(min(self.batch_size, len(queued)))  # the batch that would run next
         if estimate is None:
             return
         now = self.clock()
-        queued = [p for s in self._sessions.values() for p in s.queue]
         hopeful = [p for p in queued if now + estimate <= p.item.due]
         if hopeful or not queued:
             keep = {id(p) for p in hopeful}
