@@ -45,12 +45,14 @@ class _Missing(MuseTalkError):
 class ReplicaConfig:
     """What every replica loads; `serve deploy` passes it as the application's args."""
 
-    models_dir: str
+    models_dir: str = ""
     device: str = "auto"
     dtype: str = "auto"
     service: dict[str, Any] = dataclasses.field(default_factory=dict)  # ServiceSettings fields
     avatar_dir: str | None = None  # shared avatar store (same path on every node), optional
     cache_dir: str | None = None  # where received avatar blobs are kept (default: a temp folder)
+    random_models: str | None = None  # benchmarks only: "tiny" or "full" random weights instead of models_dir
+    seed: int = 0  # with random_models
 
 
 def shift_due(request: FrameRequest, delta: float) -> FrameRequest:
@@ -64,7 +66,7 @@ class GenerationReplica:
 
     def __init__(self, config: dict[str, Any]):
         cfg = ReplicaConfig(**config)
-        models = load_models(ModelPaths(Path(cfg.models_dir)), RuntimeSettings(device=cfg.device, dtype=cfg.dtype))
+        models = _load(cfg)
         self.service = GenerationService(models, ServiceSettings(**cfg.service))
         self.cache = AvatarCache(cfg.cache_dir or tempfile.mkdtemp(prefix="musetalk-avatars-"))
         self.shared = AvatarStore(cfg.avatar_dir) if cfg.avatar_dir else None
@@ -168,6 +170,23 @@ class GenerationReplica:
         service = getattr(self, "service", None)
         if service is not None:
             service.close()
+
+
+def _load(cfg: ReplicaConfig):
+    if cfg.random_models is not None:  # the benchmark's random weights (speed only)
+        import torch
+
+        from musetalk import accel
+        from musetalk.bench import build_random_models
+
+        device = torch.device(
+            "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
+        )
+        models = build_random_models(tiny=cfg.random_models == "tiny", device=device, seed=cfg.seed)
+        return accel.optimize_for_inference(models)
+    if not cfg.models_dir:
+        raise MuseTalkError("The MuseTalk Serve app needs models_dir (the models folder, same path on every node).")
+    return load_models(ModelPaths(Path(cfg.models_dir)), RuntimeSettings(device=cfg.device, dtype=cfg.dtype))
 
 
 def deployment_options(*, gpus: float, replicas: int | None = None) -> dict[str, Any]:
