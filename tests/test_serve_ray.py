@@ -184,3 +184,27 @@ def test_unreachable_ray_address_fails_fast():
     with pytest.raises(BackendError, match="No Ray cluster answers"):
         make_backend("ray://127.0.0.1:9", ray=RayOptions(connect_timeout_s=2.0))
     assert time.monotonic() - start < 10
+
+
+def test_avatar_blob_round_trip_digest_and_cache(tmp_path, avatars):
+    from musetalk.errors import AvatarError
+    from musetalk.serve.avatars import AvatarCache, PackedAvatars, digest, pack_avatar, unpack_avatar
+
+    blob = pack_avatar(avatars[0])
+    assert pack_avatar(avatars[0]) == blob  # same avatar, same bytes, same id everywhere
+    assert digest(blob) != digest(pack_avatar(avatars[1]))
+    back = unpack_avatar(blob)
+    assert back.manifest == avatars[0].manifest
+    for a, b in zip(back.frames + back.masks, avatars[0].frames + avatars[0].masks):
+        np.testing.assert_array_equal(a, b)
+    np.testing.assert_array_equal(back.latents.numpy(), avatars[0].latents.numpy())
+    np.testing.assert_array_equal(back.crop_boxes, avatars[0].crop_boxes)
+    packed = PackedAvatars()
+    key = packed.add(avatars[0])
+    assert packed.add(avatars[0]) == key == digest(blob) and packed.name(key) == "av0"
+    cache = AvatarCache(tmp_path)
+    with pytest.raises(AvatarError, match="does not match"):
+        cache.put(key, pack_avatar(avatars[1]))
+    assert not cache.has(key)
+    cache.put(key, blob)
+    assert cache.has(key) and cache.load(key).manifest == avatars[0].manifest
