@@ -87,7 +87,6 @@ def ray_client(tiny_models_dir):
     import ray
     from ray import serve
 
-    os.environ.setdefault("RAY_ENABLE_UV_RUN_RUNTIME_ENV", "0")
     ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})  # fmt: skip
     client = make_backend("ray", models_dir=tiny_models_dir, runtime=RuntimeSettings(device="cpu"),
@@ -168,6 +167,18 @@ def test_ray_replica_killed_mid_speech_sessions_go_on(ray_client, models, avatar
         assert reattaches >= 1 and pid != victim_pid
     for sid in sinks:
         ray_client.close_session(ids[sid])
+
+
+@needs_ray
+def test_ray_live_sessions_through_the_client_lip_sync_every_speech_frame(ray_client, avatars):
+    """LiveSession (audio windows, not ready features) over the Ray client, as a bot drives it."""
+    from musetalk.bench_streams import StreamsOptions
+    from musetalk.serve.bench import run_streams_remote
+
+    opts = StreamsOptions(seconds=1.0, latency_budget_s=20.0, frame_size=(192, 160))  # this CPU is slow and shared
+    result = run_streams_remote(ray_client, avatars, 1, opts)
+    assert result.late_pct == 0.0  # every speech frame got its generated image
+    assert result.min_session_fps >= 24  # 1 s of speech + 80 ms of silence: 24 frames have their look-ahead
 
 
 def test_backend_choice_errors(monkeypatch):

@@ -110,14 +110,23 @@ def main_streams_ray_cli(
     size: str, seed: int,
 ) -> int:  # fmt: skip
     """`musetalk.bench --backend ray[://ADDRESS]`: checks the spec and that Ray is installed first."""
+    from musetalk.errors import MuseTalkError
     from musetalk.serve.backend import INSTALL_HINT, BackendSpec, ray_available
 
-    parsed = BackendSpec.parse(spec)
+    try:
+        parsed = BackendSpec.parse(spec)
+    except MuseTalkError as exc:
+        raise SystemExit(str(exc)) from exc
     if parsed.kind != "ray":
         raise SystemExit(f"--backend must be inproc or ray[://ADDRESS], not {spec!r}")
     if not ray_available():
         raise SystemExit(f"--backend ray needs Ray: {INSTALL_HINT}")
     if replicas < 1:
         raise SystemExit("--replicas must be at least 1")
-    main_streams_ray(models, avatars, streams, opts, address=parsed.address, replicas=replicas, size=size, seed=seed)
+    try:
+        main_streams_ray(
+            models, avatars, streams, opts, address=parsed.address, replicas=replicas, size=size, seed=seed
+        )
+    except MuseTalkError as exc:
+        raise SystemExit(str(exc)) from exc
     return 0
