@@ -18,5 +18,13 @@ fi
 if [ ! -x .venv/bin/python ]; then
   MUSETALK_NO_START=1 bash run.sh
 fi
+# The optional Ray Serve extra, so the Ray backend's tests run too (the app's default path needs none of it).
+scale_stamp=.venv/.requirements-scale.sha
+scale_want=$(sha256sum requirements-scale.txt | cut -d' ' -f1)
+if [ "$(cat "$scale_stamp" 2>/dev/null)" != "$scale_want" ]; then
+  echo "==> installing the optional Ray Serve extra (requirements-scale.txt)"
+  .venv/bin/python -m pip install --quiet -r requirements-scale.txt
+  echo "$scale_want" > "$scale_stamp"
+fi
 .venv/bin/python scripts/fetch_face_models.py --models-dir "${MUSETALK_MODELS_DIR:-models}"
 exec .venv/bin/python -m pytest -q "$@"

@@ -798,9 +798,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     live.add_argument("--service-batch", type=int, default=None, help="the service's batch size (8 CUDA / 4 CPU)")
     live.add_argument("--whisper-window", type=float, default=30.0, help="seconds of audio per whisper pass")
     live.add_argument("--no-baseline", dest="baseline", action="store_false", help="skip one-service-per-session runs")
+    live.add_argument("--backend", default="inproc", help="inproc, or ray[://ADDRESS]: also the Ray Serve deployment")
+    live.add_argument("--replicas", type=int, default=2, help="with --backend ray: Serve replicas (one per GPU)")
     args = vars(p.parse_args(argv))
     streams = args.pop("streams")
-    live_args = {k: args.pop(k) for k in ("find_max", "size", "seconds", "latency_budget", "service_batch", "whisper_window", "baseline")}
+    live_args = {k: args.pop(k) for k in ("find_max", "size", "seconds", "latency_budget", "service_batch", "whisper_window", "baseline",
+                                    "backend", "replicas")}  # fmt: skip
     if streams is not None or live_args["find_max"]:
         return _main_streams(streams or "64", live_args, args)
     as_json = args.pop("json")
@@ -837,6 +840,12 @@ def _main_streams(streams: str, live: dict[str, Any], args: dict[str, Any]) -> i
         avatars.append(dataclasses.replace(avatar, manifest=dataclasses.replace(avatar.manifest, name=f"bench{k}")))
     print(f"{size} random models on {_device_name(device)} ({models.describe()}), {torch.get_num_threads()} torch threads, "
           f"{opts.seconds:.0f} s of speech per session, latency budget {opts.latency_budget_s} s", flush=True)  # fmt: skip
+    if live["backend"] != "inproc":
+        from musetalk.serve.bench import main_streams_ray_cli
+
+        return main_streams_ray_cli(
+            live["backend"], models, avatars, counts, opts, live["replicas"], size, args["seed"]
+        )
     main_streams(models, avatars, counts, opts, find=live["find_max"], baseline=live["baseline"])
     return 0
 

@@ -6,7 +6,8 @@ and reports per N:
 
 * aggregate generated frames/s and per-session generated fps (25 = every frame lip-synced);
 * late frames % (speech frames shown idle because their image missed the latency budget);
-* p50 / p95 latency from a frame's last audio sample arriving to its image arriving;
+* p50 / p95 latency from a frame's last audio sample arriving to its image arriving (frames
+  shown generated only: an image that missed its due time was shown idle);
 * memory (process peak RSS; GPU peak on CUDA), the service's per-frame cost and mean batch.
 
 Each N runs twice: one shared service (cross-session batching) and one service per session
@@ -95,8 +96,9 @@ class _Stream:
         self.results: queue.SimpleQueue[tuple[float, FrameResult]] = queue.SimpleQueue()
         info = service.open_session(f"bench-{k}", avatar_id, lambda r: self.results.put((time.monotonic(), r)))
         self.service = service
+        self.due: dict[int, float] = {}
         self.session = LiveSession(
-            session_id=info.session_id, avatar=avatar, submit=service.submit, context_seconds=info.context_seconds,
+            session_id=info.session_id, avatar=avatar, submit=self._submit, context_seconds=info.context_seconds,
             settings=LiveSettings(latency_budget_s=opts.latency_budget_s, max_side=max(opts.frame_size)),
         )  # fmt: skip
         self.session.set_vad(True)
@@ -105,6 +107,10 @@ class _Stream:
         self.chunk = 0
         self.pushed: list[float] = []
         self.image_at: dict[int, float] = {}
+
+    def _submit(self, request) -> None:
+        self.due.update((item.seq, item.due) for item in request.items)
+        self.service.submit(request)
 
     @property
     def done(self) -> bool:
@@ -129,11 +135,12 @@ class _Stream:
         return min(self.next_chunk, self.session.next_deadline())
 
     def latencies(self) -> list[float]:
-        """Per generated frame: its image's arrival minus the arrival of its last audio sample."""
+        """Per frame shown generated (its image arrived by its due time): that arrival minus the
+        arrival of the frame's last audio sample."""
         out = []
         for seq, at in self.image_at.items():
             chunk = (seq * SAMPLES_PER_VIDEO_FRAME + SAMPLES_PER_VIDEO_FRAME - 1) // CHUNK
-            if chunk < len(self.pushed):
+            if chunk < len(self.pushed) and at <= self.due.get(seq, float("inf")):
                 out.append(at - self.pushed[chunk])
         return out
 

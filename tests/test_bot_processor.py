@@ -196,3 +196,26 @@ def test_slow_device_keeps_audio_flowing_and_says_so(models, prepared_avatar, sp
     assert len(audio) >= 40  # speech audio kept flowing
     assert stats.late_frames > 0 and not stats.realtime
     assert "real time needs 25" in stats.warning
+
+
+def test_processors_share_an_injected_service_and_leave_it_when_done(models, prepared_avatar, speech_pcm):
+    from musetalk.live.service import GenerationService, ServiceSettings
+
+    service = GenerationService(models, ServiceSettings(admission=False))
+    procs = [
+        MuseTalkProcessor(models=models, avatar=prepared_avatar, service=service, settings=LiveSettings(latency_budget_s=60.0))
+        for _ in range(2)
+    ]
+    pcm = np.concatenate([speech_pcm[:8000], np.zeros(LOOKAHEAD_SAMPLES + 320, np.int16)])
+    frames = [SleepFrame(0.3), VADUserStartedSpeakingFrame(), *room_audio(pcm)]
+
+    async def both():
+        return await asyncio.gather(*(run_test(p, frames_to_send=list(frames)) for p in procs))
+
+    outputs = asyncio.run(both())
+    for proc, (down, _) in zip(procs, outputs):
+        assert proc.service is service
+        assert proc.stats().generated_frames == 13 and proc.stats().late_frames == 0
+        assert len([f for f in down if type(f) is OutputAudioRawFrame]) == 13
+    stats = service.stats()
+    assert stats.frames == 26 and stats.sessions == 0  # both sessions closed with their pipelines

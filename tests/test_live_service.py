@@ -239,3 +239,26 @@ def test_the_worker_ends_when_the_last_session_closes(models, avatars):
     while threading.active_count() > before and time.monotonic() < deadline:
         time.sleep(0.05)
     assert threading.active_count() <= before
+
+
+def test_the_speed_estimate_recovers_when_the_device_gets_faster(models, avatars):
+    svc = service(models, gather_s=0.01)
+    avatar_id = svc.add_avatar(avatars[0])
+    slow = models.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.4))
+    try:
+        svc.calibrate(avatar_id, repeats=1)
+    finally:
+        slow.remove()
+    slow_cost = svc.frame_cost()
+    sink = Results()
+    svc.open_session("s", avatar_id, sink, warm_up=False)
+    feats = synthetic_features(4, models.audio_dim, seed=2).numpy()
+    seq = 0
+    deadline = time.monotonic() + 30
+    while svc.frame_cost() > 0.5 * slow_cost and time.monotonic() < deadline:
+        # Frames due in 0.15 s look hopeless to the slow estimate; full probe batches keep measuring.
+        svc.submit(request("s", list(range(seq, seq + 4)), feats, due=time.monotonic() + 0.15))
+        seq += 4
+        time.sleep(0.1)
+    assert svc.frame_cost() < 0.5 * slow_cost, "the estimate stayed at the slow figure"
+    svc.close()

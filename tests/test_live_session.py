@@ -186,3 +186,13 @@ def test_settings_validate_the_latency_budget():
     with pytest.raises(ConfigError, match="latency-budget"):
         LiveSettings(latency_budget_s=0)
     assert LiveSettings(latency_budget_s=2.5).latency_budget_s == 2.5
+
+
+def test_live_settings_from_a_config_section_or_cli_values():
+    s = LiveSettings.from_mapping({"mode": "speech", "latency-budget": "1.5", "batch_size": 8})
+    assert s.latency_budget_s == 1.5 and s.mode == "speech" and s.batch_size == 8
+    assert LiveSettings.from_mapping(s.to_dict()) == s
+    with pytest.raises(ConfigError, match="Unknown live settings latency"):
+        LiveSettings.from_mapping({"latency": 1})
+    with pytest.raises(ConfigError, match="between 0 and 60"):
+        LiveSettings.from_mapping({"latency_budget": 120})

@@ -40,6 +40,7 @@ from loguru import logger
 from musetalk.audio import (
     FEATURES_PER_VIDEO_FRAME,
     LEFT_PAD_FEATURES,
+    SAMPLES_PER_FEATURE,
     WINDOW_SECONDS,
     positional_encoding,
     windows_from_features,
@@ -132,6 +133,7 @@ class _Session:
     output_size: tuple[int, int] | None
     queue: deque[_Pending] = field(default_factory=deque)
     newest: dict[int, FrameRequest] = field(default_factory=dict)  # utterance -> newest window request
+    encoded: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # utterance -> last (rows, first row)
     warm: bool = True  # a warm-up batch is owed
 
 
@@ -245,6 +247,7 @@ class GenerationService:
             if session is not None:
                 session.queue.clear()
                 session.newest.clear()
+                session.encoded.clear()
 
     def close_session(self, session_id: str) -> None:
         with self._cond:
@@ -396,11 +399,11 @@ class GenerationService:
 
     def _drop_hopeless(self) -> None:
         """Frames that cannot be ready before they are due are given up (the session shows them idle)."""
-        estimate = self._estimate(self.batch_size)
+        queued = [p for s in self._sessions.values() for p in s.queue]
+        estimate = self._estimate(min(self.batch_size, len(queued)))  # the batch that would run next
         if estimate is None:
             return
         now = self.clock()
-        queued = [p for s in self._sessions.values() for p in s.queue]
         hopeful = [p for p in queued if now + estimate <= p.item.due]
         if hopeful or not queued:
             keep = {id(p) for p in hopeful}
@@ -485,25 +488,40 @@ class GenerationService:
         return faces.cpu().numpy()
 
     def _features(self, batch: list[tuple[_Session, _Pending]]) -> tuple[list[torch.Tensor | None], dict[str, str]]:
-        """`(50, D)` per frame: every session's newest window encoded once, all windows in one pass."""
-        plans: list[tuple[int, FrameRequest] | torch.Tensor] = []
-        windows: dict[int, tuple[np.ndarray, int, str]] = {}  # id(request) -> trimmed window, first row, session
+        """`(50, D)` per frame. Per session, one encoding serves every frame it covers: the last one
+        (kept across batches) if it does, else the newest window is encoded; all windows of the
+        batch go through whisper in one pass."""
+        plans: list[tuple[int, int] | torch.Tensor] = []  # (key, row of the frame's window) or ready features
+        windows: dict[int, tuple[np.ndarray, int, str]] = {}  # key -> trimmed window, its first row, session id
+        owners: dict[int, tuple[_Session, int]] = {}  # key -> session, utterance (to keep the encoding)
+        reused: dict[int, tuple[torch.Tensor, int]] = {}  # key -> an encoding from an earlier batch
         for session, pending in batch:
             request = pending.request
             if request.features is not None:
                 plans.append(torch.as_tensor(request.features[pending.index]))
                 continue
+            frame = pending.item.frame
+            cached = session.encoded.get(request.utterance)
+            if cached is not None and self._covers(cached[1], cached[1] + len(cached[0]), frame, request):
+                reused[-id(cached)] = cached
+                plans.append((-id(cached), 0))
+                continue
             source = request
             newest = session.newest.get(request.utterance)
             if newest is not None and newest is not request:
                 audio, first = self.encoder.trim(newest.window, newest.first_feature)
-                if 2 * pending.item.frame - LEFT_PAD_FEATURES >= first or first == 0:
+                if self._covers(first, first + len(audio) // SAMPLES_PER_FEATURE, frame, request):
                     source = newest  # a later snapshot of the same utterance covers this frame
             if id(source) not in windows:
                 audio, first = self.encoder.trim(source.window, source.first_feature)
                 windows[id(source)] = (audio, first, session.id)
-            plans.append((id(source), source))
+                owners[id(source)] = (session, request.utterance)
+            plans.append((id(source), 0))
         encoded, failed = self._encode(windows)
+        for key, (session, utterance) in owners.items():
+            if key in encoded:
+                session.encoded = {utterance: encoded[key]}
+        encoded.update(reused)
         features: list[torch.Tensor | None] = []
         for (_, pending), plan in zip(batch, plans):
             if isinstance(plan, torch.Tensor):
@@ -514,6 +532,13 @@ class GenerationService:
             else:
                 features.append(None)
         return features, failed
+
+    @staticmethod
+    def _covers(first_row: int, end_row: int, frame: int, request: FrameRequest) -> bool:
+        """Whether feature rows `[first_row, end_row)` hold frame `frame`'s window as its own request would."""
+        own_end = request.first_feature + len(request.window) // SAMPLES_PER_FEATURE
+        lo = 2 * frame - LEFT_PAD_FEATURES
+        return (first_row <= max(lo, 0) or first_row == 0) and end_row >= min(lo + FEATURES_PER_VIDEO_FRAME, own_end)
 
     def _encode(self, windows: dict[int, tuple[np.ndarray, int, str]]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict[str, str]]:
         """One whisper pass for all windows; if it fails, window by window so only the bad session loses."""

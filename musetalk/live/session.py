@@ -25,7 +25,8 @@ import statistics
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any
 
 import cv2
 import numpy as np
@@ -60,6 +61,23 @@ class LiveSettings:
             raise ConfigError("latency_budget_s (--latency-budget) must be between 0 and 60 seconds.")
         if self.batch_size is not None and not 1 <= self.batch_size <= 64:
             raise ConfigError("batch_size must be between 1 and 64.")
+
+    @classmethod
+    def from_mapping(cls, data: dict[str, Any]) -> LiveSettings:
+        """From a config file's `live:` section or CLI values (`latency_budget` = `--latency-budget SECONDS`)."""
+        names = {f.name for f in fields(cls)}
+        aliases = {"latency_budget": "latency_budget_s", "vad_hangover": "vad_hangover_s"}
+        values = {aliases.get(k.replace("-", "_"), k.replace("-", "_")): v for k, v in data.items() if v is not None}
+        unknown = sorted(set(values) - names)
+        if unknown:
+            raise ConfigError(f"Unknown live settings {', '.join(unknown)}; known: {', '.join(sorted(names))}.")
+        try:
+            return cls(**{k: (float(v) if k.endswith("_s") else v) for k, v in values.items()})
+        except (TypeError, ValueError) as exc:
+            raise ConfigError(f"Invalid live settings {values}: {exc}") from exc
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
 
 
 @dataclass(frozen=True)

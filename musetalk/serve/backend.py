@@ -1,0 +1,145 @@
+"""Backend choice: `inproc` (one `GenerationService` in this process) or `ray[://ADDRESS]`.
+
+`make_backend(spec, ...)` returns an object with the session surface of `GenerationService`
+(`add_avatar`, `open_session`, `submit`, `cancel`, `close_session`, `stats`, `capacity`), so a
+bot or the panel takes either. Specs:
+
+- `inproc` (default): the process's service for the given models; Ray is not imported.
+- `ray`: connect to the Ray cluster of this machine if one runs (`ray start --head`), else
+  start a local one; deploy the MuseTalk app if it is not running yet.
+- `ray://HOST:PORT`: a remote cluster through Ray Client (port 10001 of the head by default).
+  The app must be deployed there (`serve deploy configs/serve/musetalk.yaml`) unless
+  `models_dir` is given (a path valid on the cluster's nodes), which deploys it.
+
+Errors: without Ray installed, a `BackendError` names what to install; an address that does
+not answer fails within `connect_timeout_s` instead of hanging.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import socket
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from loguru import logger
+
+from musetalk.config import RuntimeSettings
+from musetalk.errors import ConfigError, MuseTalkError
+from musetalk.live.service import GenerationService, ServiceSettings
+from musetalk.models import Models
+
+INSTALL_HINT = "pip install -r requirements-scale.txt  (Ray Serve; the default `inproc` backend needs none)"
+
+
+class BackendError(MuseTalkError):
+    """The chosen generation backend cannot be reached or used."""
+
+
+@dataclass(frozen=True)
+class BackendSpec:
+    kind: str  # inproc | ray
+    address: str | None = None  # ray://HOST:PORT, or None: this machine's cluster (started if absent)
+
+    @classmethod
+    def parse(cls, spec: str) -> BackendSpec:
+        text = (spec or "inproc").strip()
+        if text == "inproc":
+            return cls("inproc")
+        if text == "ray":
+            return cls("ray")
+        if text.startswith("ray://") and len(text) > len("ray://"):
+            return cls("ray", text)
+        raise ConfigError(f"backend must be 'inproc', 'ray' or 'ray://HOST:PORT', not {spec!r}.")
+
+
+@dataclass(frozen=True)
+class RayOptions:
+    replicas: int = 1  # when this process deploys the app
+    gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else CPU replicas
+    avatar_dir: str | None = None  # shared avatar folder on every node (optional)
+    connect_timeout_s: float = 5.0
+    num_cpus: int | None = None  # for a local cluster started here
+    service: dict[str, Any] = field(default_factory=dict)
+
+
+def ray_available() -> bool:
+    return importlib.util.find_spec("ray") is not None and importlib.util.find_spec("ray.serve") is not None
+
+
+def make_backend(
+    spec: str = "inproc", *, models: Models | None = None, models_dir: str | Path | None = None,
+    runtime: RuntimeSettings | None = None, settings: ServiceSettings | None = None, ray: RayOptions | None = None,
+):  # fmt: skip
+    """The generation backend for `spec` (see the module docstring)."""
+    parsed = BackendSpec.parse(spec)
+    if parsed.kind == "inproc":
+        if models is None:
+            raise ConfigError("the inproc backend needs loaded models")
+        return GenerationService.for_models(models, settings)
+    if not ray_available():
+        raise BackendError(f"--backend {spec} needs Ray, which is not installed here. Install it with: {INSTALL_HINT}")
+    return connect_ray(
+        parsed.address, models_dir=models_dir, runtime=runtime, settings=settings, options=ray or RayOptions()
+    )
+
+
+def _probe(address: str, timeout: float) -> None:
+    """Fail fast when nothing listens at ray://HOST:PORT (Ray itself would retry for a long time)."""
+    hostport = address.removeprefix("ray://")
+    host, _, port = hostport.rpartition(":")
+    if not host or not port.isdigit():
+        raise ConfigError(f"Ray address must look like ray://HOST:PORT, not {address!r}.")
+    try:
+        with socket.create_connection((host, int(port)), timeout=timeout):
+            pass
+    except OSError as exc:
+        raise BackendError(
+            f"No Ray cluster answers at {address} ({exc}). Start one with `ray start --head` on that machine "
+            "(Ray Client listens on port 10001) or check the address."
+        ) from exc
+
+
+def connect_ray(
+    address: str | None, *, models_dir: str | Path | None = None, runtime: RuntimeSettings | None = None,
+    settings: ServiceSettings | None = None, options: RayOptions | None = None,
+):  # fmt: skip
+    """Join (or start) the cluster, make sure the MuseTalk app runs, return a client for it."""
+    import ray
+    from ray import serve
+
+    from musetalk.serve.client import RayGenerationClient
+    from musetalk.serve.deployment import APP_NAME, ReplicaConfig, build
+
+    opts = options or RayOptions()
+    if address is not None:
+        _probe(address, opts.connect_timeout_s)
+    if not ray.is_initialized():
+        kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
+        if address is not None:
+            kwargs["address"] = address
+        else:  # a local cluster started here runs this checkout's code in its workers
+            root = str(Path(__file__).resolve().parents[2])
+            kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
+            if opts.num_cpus is not None:
+                kwargs["num_cpus"] = opts.num_cpus
+        try:
+            ray.init(**kwargs)
+        except Exception as exc:
+            raise BackendError(f"Could not join the Ray cluster at {address or 'this machine'}: {exc}") from exc
+    running = APP_NAME in serve.status().applications
+    if not running:
+        if models_dir is None:
+            raise BackendError(
+                f"The Ray cluster runs no '{APP_NAME}' app. Deploy it with `serve deploy configs/serve/musetalk.yaml` "
+                "or pass the models folder so this process deploys it."
+            )
+        rt = runtime or RuntimeSettings()
+        service = dict(opts.service) or (asdict(settings) if settings is not None else {})
+        config = ReplicaConfig(models_dir=str(Path(models_dir).resolve()), device=rt.device, dtype=rt.dtype,
+                               service=service, avatar_dir=opts.avatar_dir)  # fmt: skip
+        logger.info("Deploying MuseTalk on Ray: {} replica(s) from {}", opts.replicas, config.models_dir)
+        app = build(config, replicas=opts.replicas, gpus=opts.gpus_per_replica)
+        serve.run(app, name=APP_NAME, route_prefix=None, blocking=False)
+    return RayGenerationClient(serve.get_app_handle(APP_NAME))

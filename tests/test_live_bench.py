@@ -1,0 +1,43 @@
+"""`python -m musetalk.bench --streams`: the paced-session harness and the search (tiny models; no timing asserts)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+from musetalk.bench import synthetic_avatar
+from musetalk.bench_streams import HEADER, StreamsOptions, StreamsResult, find_max, format_row, main_streams
+
+
+def result(n: int, fps: float, late: float) -> StreamsResult:
+    return StreamsResult(n, True, fps * n, fps, fps, late, 100.0, 150.0, 20.0, 4.0, 500.0, None)
+
+
+def test_find_max_doubles_then_bisects():
+    measured = []
+
+    def measure(n):
+        measured.append(n)
+        return result(n, 25.0 if n <= 5 else 20.0, 0.0)
+
+    best, runs = find_max(measure, limit=64)
+    assert best == 5 and measured == [1, 2, 4, 8, 6, 5] and len(runs) == 6
+    assert find_max(lambda n: result(n, 25.0, 3.0))[0] == 0  # too many late frames: none qualifies
+
+
+def test_streams_report_rows_for_shared_and_per_session_services(models):
+    avatars = []
+    for k in range(2):
+        a = synthetic_avatar(frames=3, size=(160, 160), face_box=(40, 40, 120, 130), seed=k)
+        avatars.append(dataclasses.replace(a, manifest=dataclasses.replace(a.manifest, name=f"b{k}")))
+    lines: list[str] = []
+    opts = StreamsOptions(seconds=1.0, latency_budget_s=5.0, frame_size=(160, 160))
+    rows = main_streams(models, avatars, [2], opts, find=False, log=lines.append)
+    assert [r.shared for r in rows] == [True, False] and all(r.streams == 2 for r in rows)
+    for r in rows:
+        assert r.generated_fps > 0 and 0.0 <= r.late_pct <= 100.0  # a 5 s budget: the mouth moves even here
+        assert r.p50_ms is not None and 0 < r.p50_ms <= r.p95_ms
+        assert r.peak_rss_mb > 0 and r.mean_batch is not None
+    assert HEADER in lines and format_row(rows[0]) in lines
+    assert any(line.startswith("offline render on the same models") for line in lines)
+    assert any("gain of cross-session batching at N=2" in line for line in lines)
+    assert format_row(rows[1]).count("|") == HEADER.count("|")
