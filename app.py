@@ -78,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="most live sessions (viewers and rooms, all bots together) served at once (default: what the "
         "measured speed of this device serves at 25 fps)",
     )
+    parser.add_argument(
+        "--backend",
+        default="inproc",
+        metavar="inproc|ray|ray://HOST:PORT",
+        help="where live frames are generated: inproc (this process, default), ray (this machine's Ray cluster, "
+        "started if absent) or ray://HOST:PORT (needs pip install -r requirements-scale.txt)",
+    )
     return parser
 
 
@@ -121,6 +128,7 @@ def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Envir
         ice_servers=ice,
         max_bots=args.max_bots,
         max_sessions=args.max_sessions,
+        backend=args.backend,
     )
 
 

@@ -102,6 +102,13 @@ def build_parser() -> argparse.ArgumentParser:
         "message (default: as many as the measured speed of this device serves at 25 fps)",
     )
     parser.add_argument(
+        "--backend",
+        default="inproc",
+        metavar="inproc|ray|ray://HOST:PORT",
+        help="where frames are generated: inproc (this process, default), ray (this machine's Ray cluster, "
+        "started if absent) or ray://HOST:PORT (a running cluster; needs pip install -r requirements-scale.txt)",
+    )
+    parser.add_argument(
         "--latency-budget",
         type=float,
         default=None,
@@ -222,6 +229,14 @@ def _raise_interrupt(signum, frame) -> None:
     raise KeyboardInterrupt
 
 
+def check_backend(spec: str) -> None:
+    """A Ray backend is refused up front when Ray is not installed (before the models load)."""
+    from musetalk.serve.backend import INSTALL_HINT, BackendError, BackendSpec, ray_available
+
+    if BackendSpec.parse(spec).kind == "ray" and not ray_available():
+        raise BackendError(f"--backend {spec} needs Ray, which is not installed here. Install it with: {INSTALL_HINT}")
+
+
 def serve(args: argparse.Namespace, transport, entries, live, service_settings) -> int:
     """Load models and the avatar, start the bot, report until Ctrl-C or an error."""
     from loguru import logger
@@ -241,7 +256,16 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
 
     from musetalk.live.service import GenerationService
 
-    service = GenerationService(models, service_settings)
+    if args.backend == "inproc":
+        service = GenerationService(models, service_settings)
+    else:
+        from musetalk.serve.backend import make_backend
+
+        logger.info("Generation backend: {}", args.backend)
+        service = make_backend(
+            args.backend, models=models, models_dir=models_dir_from_env(), runtime=runtime_from_env(),
+            settings=service_settings,
+        )  # fmt: skip
     runner = BotRunner(models, service=service)
     try:
         status = runner.start(avatar, transport, live)
@@ -317,6 +341,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.latency_budget is not None:
             live = dataclasses.replace(live, latency_budget_s=args.latency_budget)
         service_settings = ServiceSettings(max_sessions=args.max_sessions)
+        check_backend(args.backend)
         entries = load_realtime_config(args.config)
     except MuseTalkError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -526,8 +526,10 @@ class BotRun:
 
     def _check_capacity(self) -> None:
         """Refuse a viewer the shared service cannot serve in real time, before answering its offer."""
-        service = self.service
-        limit = service.session_limit() if service is not None else None
+        session_limit = getattr(self.service, "session_limit", None)
+        if session_limit is None:  # a remote backend admits (or refuses) when the session opens
+            return
+        service, limit = self.service, session_limit()
         if limit is None:
             return
         running = service.stats().sessions

@@ -54,12 +54,17 @@ class EngineOptions:
     ice_servers: tuple[IceServerSpec, ...] = ()  # STUN/TURN servers for the local page (behind NAT)
     max_bots: int = 4  # live bots running at once
     max_sessions: int | None = None  # live sessions at once, all bots together (None: the measured capacity)
+    backend: str = "inproc"  # where frames are generated: inproc, ray or ray://HOST:PORT (musetalk/serve)
 
     def __post_init__(self) -> None:
         if self.max_bots < 1:
             raise ConfigError("--max-bots must be at least 1.")
         if self.max_sessions is not None and self.max_sessions < 1:
             raise ConfigError("--max-sessions must be at least 1.")
+        from musetalk.serve.backend import INSTALL_HINT, BackendSpec, ray_available
+
+        if BackendSpec.parse(self.backend).kind == "ray" and not ray_available():
+            raise ConfigError(f"--backend {self.backend} needs Ray, which is not installed here: {INSTALL_HINT}")
 
 
 class Engine:
@@ -237,7 +242,16 @@ class Engine:
             if self._runner is None:
                 from musetalk.live.service import GenerationService, ServiceSettings
 
-                service = GenerationService(models, ServiceSettings(max_sessions=self.options.max_sessions))
+                settings = ServiceSettings(max_sessions=self.options.max_sessions)
+                if self.options.backend == "inproc":
+                    service = GenerationService(models, settings)
+                else:
+                    from musetalk.serve.backend import make_backend
+
+                    service = make_backend(
+                        self.options.backend, models=models, models_dir=self.paths.models_dir, runtime=self.runtime,
+                        settings=settings,
+                    )  # fmt: skip
                 self._runner = BotRunner(models, max_bots=self.options.max_bots, service=service)
             return self._runner
 

@@ -256,6 +256,24 @@ def service_view(stats: dict | None, max_bots: int) -> str:
     left = "–" if stats.get("capacity_left") is None else str(stats["capacity_left"])
     batch = "–" if stats.get("mean_batch") is None else f"{stats['mean_batch']:.1f}"
     gpu = "–" if stats.get("gpu_memory_mb") is None else f"{stats['gpu_memory_mb']:,.0f} MB"
+    replicas = stats.get("replicas")
+    if replicas is not None:  # the Ray Serve backend: one line per replica
+        rows = [
+            f"**Generation service on Ray Serve** · {len(replicas)} replicas · {stats['sessions']} sessions · "
+            f"{stats['frames_per_s']:.1f} frames/s · capacity left {stats.get('capacity_left') if stats.get('capacity_left') is not None else '–'}",
+            "",
+            "| Replica | PID | Sessions | Frames/s | Late (given up) | Cost per frame | Capacity |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for r in replicas:
+            rs = r["stats"]
+            late = f"{100 * rs['skipped_frames'] / max(1, rs['frames'] + rs['skipped_frames']):.1f} %"
+            cost = "–" if rs.get("frame_cost_ms") is None else f"{rs['frame_cost_ms']:.0f} ms"
+            rows.append(
+                f"| {r['replica']} | {r['pid']} | {len(r['sessions'])} | {rs['frames_per_s']:.1f} | {late} | {cost} "
+                f"| {rs.get('capacity') if rs.get('capacity') is not None else 'measuring…'} |"
+            )
+        return "\n".join(rows)
     return "\n".join(
         [
             f"**Generation service** on {stats.get('device', '?')} · one copy of the models for every bot and viewer",
