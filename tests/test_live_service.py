@@ -39,6 +39,14 @@ class Results:
         if self.crash:
             raise RuntimeError("this session's consumer crashed")
 
+    def wait_for(self, seqs, timeout: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while not all(s in self.images for s in seqs):
+                left = deadline - time.monotonic()
+                assert left > 0, f"frames {sorted(set(seqs) - set(self.images))} never arrived"
+                self.changed.wait(left)
+
     def wait(self, n: int, timeout: float = 60.0) -> None:
         deadline = time.monotonic() + timeout
         with self.changed:
@@ -88,8 +96,9 @@ def test_mixed_batch_frames_equal_single_session_frames(models, avatars):
     a, b = Results(), Results()
     mixed.open_session("a", ids[0], a, warm_up=False)
     mixed.open_session("b", ids[1], b, warm_up=False)
-    mixed.submit(request("a", [0, 1], feats_a[:2]))
-    mixed.submit(request("b", [0, 1], feats_b, positions=[3, 4]))
+    with mixed._cond:  # both queued before the worker looks
+        mixed.submit(request("a", [0, 1], feats_a[:2]))
+        mixed.submit(request("b", [0, 1], feats_b, positions=[3, 4]))
     a.wait(2)
     b.wait(2)
     assert mixed.stats().batch_sizes == {4: 1}  # one batch, two sessions, two avatars
@@ -154,8 +163,7 @@ def test_faults_of_some_sessions_leave_the_others_unaffected(models, avatars):
     assert sorted(healthy.images) == list(range(n)) and not healthy.errors and not healthy.skipped
     assert "c" not in svc._sessions and crashing.calls >= 1  # the crashing consumer was closed, only it
     assert len(stopped.images) < n
-    interrupted.wait(n - len([s for s in range(n) if s not in interrupted.images and s < 10]))
-    assert all(s in interrupted.images for s in range(10, n))  # speaks again after the interruption
+    interrupted.wait_for(range(10, n))  # speaks again after the interruption
     stats = svc.stats()
     assert stats.sessions == 2 and stats.errors >= 1
     # The healthy session's frames are the frames it gets alone, up to the float rounding of other
@@ -181,8 +189,9 @@ def test_a_busy_session_cannot_starve_another(models, avatars):
     svc.open_session("quiet", ids[1], lambda r: (order.append("q"), quiet(r)), warm_up=False)
     feats = synthetic_features(24, models.audio_dim, seed=3).numpy()
     due = time.monotonic() + 60
-    svc.submit(request("talker", list(range(20)), feats[:20], due=due))  # a long burst, queued first
-    svc.submit(request("quiet", [0, 1, 2, 3], feats[20:], due=due + 0.001))
+    with svc._cond:  # both queued before the worker can form a batch
+        svc.submit(request("talker", list(range(20)), feats[:20], due=due))  # a long burst, queued first
+        svc.submit(request("quiet", [0, 1, 2, 3], feats[20:], due=due + 0.001))
     quiet.wait(4)
     talker.wait(20)
     assert order.index("q") <= 1 and order[:4].count("q") == 2  # half of each of the first two batches
@@ -220,10 +229,11 @@ def test_frames_that_cannot_be_ready_in_time_are_given_up(models, avatars):
     svc.calibrate(avatar_id)
     sink = Results()
     svc.open_session("late", avatar_id, sink, warm_up=False)
-    feats = synthetic_features(4, models.audio_dim, seed=1).numpy()
-    svc.submit(request("late", [0, 1, 2, 3], feats, due=time.monotonic() - 1.0))  # already due
-    sink.wait(4)
-    assert len(sink.skipped) + len(sink.images) == 4 and sink.skipped
+    feats = synthetic_features(8, models.audio_dim, seed=1).numpy()
+    svc.submit(request("late", list(range(8)), feats, due=time.monotonic() - 1.0))  # already due
+    sink.wait(8)
+    # All given up, except at most one full batch that keeps the estimate fresh (if it is over 1 s old).
+    assert len(sink.skipped) + len(sink.images) == 8 and len(sink.skipped) >= 4
     assert svc.stats().skipped_frames == len(sink.skipped)
     svc.close()
 
@@ -244,7 +254,7 @@ def test_the_worker_ends_when_the_last_session_closes(models, avatars):
 def test_the_speed_estimate_recovers_when_the_device_gets_faster(models, avatars):
     svc = service(models, gather_s=0.01)
     avatar_id = svc.add_avatar(avatars[0])
-    slow = models.unet.register_forward_pre_hook(lambda module, args: time.sleep(0.4))
+    slow = models.unet.register_forward_pre_hook(lambda module, args: time.sleep(2.0))
     try:
         svc.calibrate(avatar_id, repeats=1)
     finally:
@@ -255,10 +265,11 @@ def test_the_speed_estimate_recovers_when_the_device_gets_faster(models, avatars
     feats = synthetic_features(4, models.audio_dim, seed=2).numpy()
     seq = 0
     deadline = time.monotonic() + 30
-    while svc.frame_cost() > 0.5 * slow_cost and time.monotonic() < deadline:
+    while svc.frame_cost() >= 0.9 * slow_cost and time.monotonic() < deadline:
         # Frames due in 0.15 s look hopeless to the slow estimate; full probe batches keep measuring.
         svc.submit(request("s", list(range(seq, seq + 4)), feats, due=time.monotonic() + 0.15))
         seq += 4
         time.sleep(0.1)
-    assert svc.frame_cost() < 0.5 * slow_cost, "the estimate stayed at the slow figure"
+    assert svc.frame_cost() < 0.9 * slow_cost, "the estimate stayed at the slow figure"
+    assert sink.images  # the probes were real batches of the session's newest frames
     svc.close()

@@ -196,3 +196,13 @@ def test_live_settings_from_a_config_section_or_cli_values():
         LiveSettings.from_mapping({"latency": 1})
     with pytest.raises(ConfigError, match="between 0 and 60"):
         LiveSettings.from_mapping({"latency_budget": 120})
+
+
+def test_stats_say_when_the_service_has_more_sessions_than_it_serves(avatar):
+    clock, requests = Clock(), []
+    session = make(avatar, clock, requests)
+    session.on_result(FrameResult("s1", frame_cost_s=0.01, capacity=4, sessions=3))
+    assert session.stats().realtime and session.stats().warning is None
+    session.on_result(FrameResult("s1", frame_cost_s=0.01, capacity=4, sessions=6))
+    stats = session.stats()
+    assert not stats.realtime and "serves 4 sessions at 25 fps; 6 are running" in stats.warning

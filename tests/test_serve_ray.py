@@ -87,7 +87,7 @@ def ray_client(tiny_models_dir):
     import ray
     from ray import serve
 
-    ray.init(num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
+    ray.init(address="local", num_cpus=4, include_dashboard=False, _node_ip_address="127.0.0.1", log_to_driver=False,
              runtime_env={"env_vars": {"PYTHONPATH": os.getcwd()}})  # fmt: skip
     client = make_backend("ray", models_dir=tiny_models_dir, runtime=RuntimeSettings(device="cpu"),
                           ray=RayOptions(replicas=2, service=SERVICE, gpus_per_replica=0))  # fmt: skip

@@ -56,3 +56,4 @@ class FrameResult:
     error: str | None = None
     frame_cost_s: float | None = None  # the service's steady model cost per frame (full batches)
     capacity: int | None = None  # sessions the service can serve at 25 fps (None: not measured yet)
+    sessions: int | None = None  # sessions open on the service when the result left it

@@ -421,7 +421,8 @@ class GenerationService:
                 results.append((session, tuple(dropped)))
         cost, capacity = self.frame_cost(), self.capacity()
         for session, dropped in results:
-            self._post(session, FrameResult(session.id, skipped=dropped, frame_cost_s=cost, capacity=capacity))
+            result = FrameResult(session.id, skipped=dropped, frame_cost_s=cost, capacity=capacity, sessions=len(self._sessions))
+            self._post(session, result)
 
     def _take_batch(self, queued: list[_Session]) -> list[tuple[_Session, _Pending]]:
         """Round-robin over sessions ordered by their most urgent frame, up to the batch size."""
@@ -578,7 +579,8 @@ class GenerationService:
             self._counts["frames"] += len(images)
             self._stage_s["blend"] += time.perf_counter() - start
         cost = self.frame_cost()
-        self._post(session, FrameResult(session.id, images=images, frame_cost_s=cost, capacity=self.capacity()))
+        result = FrameResult(session.id, images=images, frame_cost_s=cost, capacity=self.capacity(), sessions=len(self._sessions))
+        self._post(session, result)
 
     def _post(self, session: _Session, result: FrameResult) -> None:
         """Hand a result to its session; a sink that fails closes that session only."""

@@ -128,6 +128,7 @@ class _Timing:
     latencies: deque = field(default_factory=lambda: deque(maxlen=200))
     frame_cost_s: float | None = None
     capacity: int | None = None
+    sessions: int | None = None
     frames: int = 0
     generated: int = 0
     idle: int = 0
@@ -290,6 +291,7 @@ class LiveSession:
         if result.frame_cost_s is not None:
             t.frame_cost_s = result.frame_cost_s
             t.capacity = result.capacity
+            t.sessions = result.sessions
         for seq, image in result.images.items():
             entry = self._waiting.pop(seq, None)
             if entry is not None:
@@ -387,6 +389,12 @@ class LiveSession:
                 f"This device generates {1 / per_frame:.1f} frames/s ({per_frame * 1000:.0f} ms per frame); "
                 f"real time needs {VIDEO_FPS}. Late frames are shown idle with live audio: use a CUDA GPU, "
                 "or a larger latency budget for a late but lip-synced mouth."
+            )
+        elif t.capacity is not None and t.sessions is not None and t.sessions > max(t.capacity, 1):
+            realtime = False
+            warning = (
+                f"This device serves {max(t.capacity, 1)} sessions at {VIDEO_FPS} fps; {t.sessions} are running, "
+                "so some speech frames are shown idle."
             )
         elif t.frames > 50 and t.late > 0.2 * max(t.generated + t.late, 1):
             warning = f"{t.late} speech frames were late and shown idle; the device is at its limit."

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import socket
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -59,7 +60,8 @@ class RayOptions:
     replicas: int = 1  # when this process deploys the app
     gpus_per_replica: float | None = None  # None: 1 when the cluster has GPUs, else CPU replicas
     avatar_dir: str | None = None  # shared avatar folder on every node (optional)
-    connect_timeout_s: float = 5.0
+    connect_timeout_s: float = 5.0  # nothing listening at the address
+    join_timeout_s: float = 20.0  # listening, but the cluster does not let us in (e.g. token auth)
     num_cpus: int | None = None  # for a local cluster started here
     service: dict[str, Any] = field(default_factory=dict)
 
@@ -101,6 +103,33 @@ def _probe(address: str, timeout: float) -> None:
         ) from exc
 
 
+def _init_with_timeout(ray, kwargs: dict[str, Any], address: str | None, timeout: float) -> None:
+    """`ray.init` in a helper thread: Ray Client retries a refused handshake for a long time."""
+    outcome: list[BaseException | None] = []
+    thread = threading.Thread(
+        target=lambda: outcome.append(_try(ray.init, kwargs)), name="musetalk-ray-init", daemon=True
+    )
+    thread.start()
+    thread.join(timeout)
+    where = address or "this machine"
+    if not outcome:
+        raise BackendError(
+            f"The Ray cluster at {where} did not let this process join within {timeout:.0f} s. If it uses token "
+            "authentication (Ray's default for clusters started by `ray start`), set RAY_AUTH_MODE=token and give "
+            "this machine the head's token (~/.ray/auth_token, or RAY_AUTH_TOKEN)."
+        )
+    if outcome[0] is not None:
+        raise BackendError(f"Could not join the Ray cluster at {where}: {outcome[0]}") from outcome[0]
+
+
+def _try(fn, kwargs: dict[str, Any]) -> BaseException | None:
+    try:
+        fn(**kwargs)
+    except BaseException as exc:  # handed to the caller's thread
+        return exc
+    return None
+
+
 def connect_ray(
     address: str | None, *, models_dir: str | Path | None = None, runtime: RuntimeSettings | None = None,
     settings: ServiceSettings | None = None, options: RayOptions | None = None,
@@ -124,16 +153,15 @@ def connect_ray(
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
             if opts.num_cpus is not None:
                 kwargs["num_cpus"] = opts.num_cpus
-        try:
-            ray.init(**kwargs)
-        except Exception as exc:
-            raise BackendError(f"Could not join the Ray cluster at {address or 'this machine'}: {exc}") from exc
-    running = APP_NAME in serve.status().applications
-    if not running:
+        _init_with_timeout(ray, kwargs, address, opts.join_timeout_s)
+    app = serve.status().applications.get(APP_NAME)
+    state = str(getattr(app.status, "value", app.status)) if app is not None else "absent"
+    if state not in ("RUNNING", "DEPLOYING"):
         if models_dir is None:
+            detail = f" ({state}: {app.message})" if app is not None and app.message else f" ({state})"
             raise BackendError(
-                f"The Ray cluster runs no '{APP_NAME}' app. Deploy it with `serve deploy configs/serve/musetalk.yaml` "
-                "or pass the models folder so this process deploys it."
+                f"The Ray cluster runs no healthy '{APP_NAME}' app{detail}. Deploy it with "
+                "`serve deploy configs/serve/musetalk.yaml` or pass the models folder so this process deploys it."
             )
         rt = runtime or RuntimeSettings()
         service = dict(opts.service) or (asdict(settings) if settings is not None else {})

@@ -7,9 +7,9 @@
 - `open_session` routes by avatar digest (Serve model multiplexing); a replica lacking the
   avatar answers "missing" and gets the bytes in a second call. The session is then pinned to
   the replica that opened it (`musetalk.serve.router`).
-- A background event loop (one thread) sends submits in order and reads each session's
-  results stream, handing every `FrameResult` to the session's sink from that thread.
-- Faults: when a replica dies, its results streams fail at once; each of its sessions
+- A background event loop (one thread) sends submits in order and long-polls each session's
+  results, handing every `FrameResult` to the session's sink from that thread.
+- Faults: when a replica dies, the results polls of its sessions fail at once; each of its sessions
   re-opens on another replica (or the restarted one, whichever Serve routes to) and re-sends
   the frames it still waits for, so only frames that fall due during the re-attach are lost
   (shown idle by the session). If no replica takes the session within `reattach_s`, the
@@ -40,6 +40,7 @@ from musetalk.serve.deployment import shift_due
 from musetalk.serve.router import KNOWN_REPLICAS, pinned_id
 
 Sink = Callable[[FrameResult], None]
+POLL_S = 0.5  # longest wait of one results poll (answers return as soon as there are any)
 
 
 @dataclass
@@ -213,7 +214,7 @@ class RayGenerationClient:
         replica = remote.replica
         try:
             known = await self._pinned(remote).submit.remote(remote.id, shift_due(request, -time.monotonic()))
-        except Exception as exc:  # the replica died: the results stream notices and re-attaches
+        except Exception as exc:  # the replica died: the results poll notices and re-attaches
             logger.debug("submit for session {} failed: {}", remote.id, exc)
             return
         if not known and not remote.closed and remote.attached and remote.replica == replica:
@@ -244,20 +245,29 @@ class RayGenerationClient:
         remote.pump = asyncio.run_coroutine_threadsafe(self._pump(remote, reattach=True), self._loop)
 
     async def _pump(self, remote: _Remote, reattach: bool = False) -> None:
-        """Read the session's results stream; when it breaks, re-attach and read again."""
+        """Long-poll the session's results; when its replica fails or forgets it, re-attach and go on."""
+        failures = 0
         while not remote.closed:
-            if reattach and not await self._reattach(remote):
-                return
+            if reattach:
+                if failures > 1:  # a replica that takes the session but cannot keep it: back off
+                    await asyncio.sleep(min(2.0, 0.05 * 2**failures))
+                if not await self._reattach(remote):
+                    return
             reattach = True
             try:
-                async for batch in self._pinned(remote).options(stream=True).results.remote(remote.id):
+                while not remote.closed:
+                    batch = await self._pinned(remote).poll.remote(remote.id, POLL_S)
+                    if batch is None:
+                        break
+                    failures = 0
                     for result in batch:
                         self._deliver(remote, result)
-                reason = "its replica ended the results stream"
+                reason = "its replica no longer holds the session"
             except asyncio.CancelledError:
                 raise
             except Exception as exc:
                 reason = f"{type(exc).__name__}: {exc}"
+            failures += 1
             remote.attached = False
             if not remote.closed:
                 logger.warning(

@@ -4,7 +4,7 @@ Each replica loads one copy of the models and runs one `GenerationService`, so t
 cross-session batching happens inside the replica. Avatars are Serve "models": the avatar
 digest is the multiplexed model id, loaded on first use from the replica's cache (bytes sent
 by the caller) or from a shared avatar folder, kept LRU. Sessions talk to their replica
-through `open` / `submit` / `cancel` / `close` / `results` (a stream of `FrameResult` lists);
+through `open` / `submit` / `cancel` / `close` / `poll` (a long poll for `FrameResult` lists);
 the client pins them there (`musetalk.serve.router`).
 
 Due times cross the wire relative to "now" (seconds from the send), so caller and replica
@@ -17,6 +17,7 @@ import asyncio
 import dataclasses
 import os
 import tempfile
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,7 @@ from musetalk.serve.avatars import AvatarCache
 APP_NAME = "musetalk"
 DEPLOYMENT_NAME = "MuseTalkGeneration"
 MAX_AVATARS_PER_REPLICA = 16
+ORPHAN_S = 10.0  # a session whose client stopped polling this long is closed
 
 
 class _Missing(MuseTalkError):
@@ -73,6 +75,8 @@ class GenerationReplica:
         self.replica = serve.get_replica_context().replica_id.unique_id
         self._names: dict[str, str] = {}  # digest -> avatar name (for the shared folder)
         self._queues: dict[str, asyncio.Queue] = {}
+        self._polled: dict[str, float] = {}  # session -> when its client last asked for results
+        self._reaper: asyncio.Task | None = None
         logger.info("MuseTalk replica {} ready on {} (pid {})", self.replica, models.describe(), os.getpid())
 
     # ------------------------------------------------------------------ avatars (Serve multiplexing)
@@ -111,6 +115,9 @@ class GenerationReplica:
         except CapacityError as exc:
             return {"status": "refused", "message": str(exc)}
         self._queues[session_id] = queue
+        self._polled[session_id] = time.monotonic()
+        if self._reaper is None:
+            self._reaper = asyncio.create_task(self._reap())
         return {"status": "ok", "replica": self.replica, "pid": os.getpid(), "info": info}
 
     async def submit(self, session_id: str, request: FrameRequest) -> bool:
@@ -129,31 +136,44 @@ class GenerationReplica:
 
     def _end(self, session_id: str) -> None:
         queue = self._queues.pop(session_id, None)
+        self._polled.pop(session_id, None)
         self.service.close_session(session_id)
         if queue is not None:
             queue.put_nowait(None)
 
-    async def results(self, session_id: str):
-        """The session's results as they come, a list per wake-up; ends when the session closes."""
+    async def poll(self, session_id: str, wait_s: float = 0.5) -> list[FrameResult] | None:
+        """The session's results so far, waiting up to `wait_s` for the first; None: not held here.
+
+        A long poll rather than a streaming response: Ray Client (`ray://`) cannot stream.
+        """
         queue = self._queues.get(session_id)
         if queue is None:
-            return
+            return None
+        self._polled[session_id] = time.monotonic()
         try:
-            while True:
-                first = await queue.get()
-                if first is None:
-                    return
-                batch = [first]
-                while not queue.empty():
-                    nxt = queue.get_nowait()
-                    if nxt is None:
-                        yield batch
-                        return
-                    batch.append(nxt)
-                yield batch
-        finally:
-            if self._queues.get(session_id) is queue:  # the caller went away: free the capacity
+            first = await asyncio.wait_for(queue.get(), timeout=wait_s)
+        except asyncio.TimeoutError:
+            return [] if self._queues.get(session_id) is queue else None
+        if first is None:
+            return None
+        batch = [first]
+        while not queue.empty():
+            nxt = queue.get_nowait()
+            if nxt is None:
+                queue.put_nowait(None)  # the next poll says the session ended
+                break
+            batch.append(nxt)
+        return batch
+
+    async def _reap(self) -> None:
+        """Close sessions nobody polls any more (their bot died): frees their capacity."""
+        while self._queues:
+            await asyncio.sleep(ORPHAN_S / 4)
+            now = time.monotonic()
+            for session_id in [s for s in self._queues if now - self._polled.get(s, now) > ORPHAN_S]:
+                logger.warning("MuseTalk session {} was not polled for {:.0f} s: closing it", session_id, ORPHAN_S)
                 self._end(session_id)
+        self._reaper = None
 
     # ------------------------------------------------------------------ reports
     async def stats(self) -> dict[str, Any]:
@@ -195,7 +215,7 @@ def deployment_options(*, gpus: float, replicas: int | None = None) -> dict[str,
     options: dict[str, Any] = {
         "name": DEPLOYMENT_NAME,
         "ray_actor_options": actor,
-        "max_ongoing_requests": 1000,  # every session keeps one results stream open
+        "max_ongoing_requests": 1000,  # every session keeps one results poll open
         "request_router_config": RequestRouterConfig(request_router_class="musetalk.serve.router:PinnedRouter"),
         "health_check_period_s": 2.0,
         "health_check_timeout_s": 10.0,
