@@ -413,7 +413,7 @@ def test_an_avatar_in_use_cannot_be_deleted_renamed_or_prepared_again(panel, pre
     for action, call in calls.items():
         message = app_error(call)
         assert_operator_message(
-            message, f"Cannot {action} avatar 'victim'", "the local bot (running", status["url"], "Stop the bot"
+            message, f"Cannot {action} avatar 'victim'", f"the local bot {status['bot_id']} (running", status["url"], "Stop the bot"
         )
     assert client.predict(api_name="/bot_status")["state"] == "running"
     assert client.predict(api_name="/stop_bot")["state"] == "stopped"

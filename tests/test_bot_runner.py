@@ -232,17 +232,19 @@ def test_viewers_get_their_own_sessions_and_a_crash_ends_only_its_viewer(runner,
         assert first_answer.status_code == 200, first_answer.text
         first_answer = first_answer.json()
         assert first_answer["type"] == "answer" and first_answer["pc_id"] and "m=video" in first_answer["sdp"]
+        assert wait_until(lambda: first_answer["pc_id"] in run.sessions), list(run.sessions)
         first = run.sessions[first_answer["pc_id"]]
         # The pipeline runs: the processor emits idle video from the start (nobody receives it here).
         assert wait_until(lambda: runner.status().frames > 5), runner.status()
         assert runner.status().fps is not None
 
         second_answer = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}).json()
+        assert wait_until(lambda: second_answer["pc_id"] in run.sessions), list(run.sessions)
         second = run.sessions[second_answer["pc_id"]]
         assert second is not first and second_answer["pc_id"] != first_answer["pc_id"]
         assert not first.task.done(), "an earlier viewer keeps its own session"
         assert wait_until(lambda: runner.status().viewers == 2), runner.status()
-        assert runner.service.stats().sessions == 2
+        assert wait_until(lambda: runner.service.stats().sessions == 2), runner.service.stats()
         frames_before = first.processor.stats().frames
 
         # A crash inside the second viewer's pipeline, as a failing model would report it.

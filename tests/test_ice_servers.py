@@ -6,8 +6,6 @@ side) and served to the page at `/api/ice-servers` (the browser's side).
 
 from __future__ import annotations
 
-import argparse
-
 import pytest
 from fastapi.testclient import TestClient
 
@@ -62,7 +60,7 @@ def test_start_server_and_panel_read_the_flag_and_the_environment(monkeypatch):
     import start_pipecat_server
 
     assert start_pipecat_server.main(["--local", "--ice-servers", "turn:no-credentials.example.com"]) == 2
-    args = argparse.Namespace(ice_servers=None, fetch_weights=False)
+    args = app.build_parser().parse_args([])
     options = app.engine_options(args, {"MUSETALK_ICE_SERVERS": "stun:stun.example.com:3478", "SPACE_ID": "me/x"})
     assert options.ice_servers == (IceServerSpec(("stun:stun.example.com:3478",)),)
     assert options.fetch_at_start, "a Space fetches missing weights at start"
