@@ -1,5 +1,8 @@
 """Generation benchmark: `python -m musetalk.bench [--device D] [--batch N] [--frames N] [--json] [--approx] [--tiny]`.
 
+`--streams N[,M...] [--find-max]` runs the live benchmark instead: N sessions paced in real time
+against the shared generation service, next to one service per session (`musetalk.bench_streams`).
+
 Full-size MuseTalk v1.5 architectures with random weights (no weight files needed) on a
 synthetic 720p avatar. One run measures, in the same process and on the same inputs:
 
