@@ -245,7 +245,10 @@ class MuseTalkProcessor(FrameProcessor):
         service = self._service
         self._loop = asyncio.get_running_loop()
         avatar_id = await asyncio.to_thread(service.add_avatar, self._avatar)
-        info = service.open_session(self._session_id, avatar_id, self._sink, output_size=self.video_size)
+        # Off the loop: on a remote backend (Ray) opening a session is a network call.
+        info = await asyncio.to_thread(
+            service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size
+        )
         self._session = LiveSession(
             session_id=self._session_id, avatar=self._avatar, settings=self._settings, submit=service.submit,
             context_seconds=info.context_seconds,
