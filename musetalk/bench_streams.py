@@ -162,12 +162,7 @@ def run_streams(models: Models, avatars: list[Avatar], n: int, opts: StreamsOpti
         service = services[0 if shared else k]
         avatar_k = k % len(avatars)
         streams.append(_Stream(k, service, ids[0 if shared else k][avatar_k], avatars[avatar_k], opts, start, n))
-    time.sleep(max(0.0, start - time.monotonic()))
-    deadline = start + opts.seconds + 5.0 + 2 * opts.latency_budget_s
-    while not all(s.done for s in streams) and time.monotonic() < deadline:
-        now = time.monotonic()
-        wake = min(s.step(now) for s in streams)
-        time.sleep(min(max(wake - time.monotonic(), 0.0), 0.005))
+    pace(streams, start, opts)
     elapsed = opts.seconds
     stats = [s.session.stats() for s in streams]
     service_stats = [svc.stats() for svc in services]
@@ -277,3 +272,13 @@ def main_streams(models: Models, avatars: list[Avatar], streams: list[int], opts
         for n in streams:
             both(n)
     return rows
+
+
+def pace(streams: list, start: float, opts) -> None:
+    """Step every stream in real time from `start` until all are done (or a generous deadline)."""
+    time.sleep(max(0.0, start - time.monotonic()))
+    deadline = start + opts.seconds + 5.0 + 2 * opts.latency_budget_s
+    while not all(s.done for s in streams) and time.monotonic() < deadline:
+        now = time.monotonic()
+        wake = min(s.step(now) for s in streams)
+        time.sleep(min(max(wake - time.monotonic(), 0.0), 0.005))

@@ -22,6 +22,7 @@ from musetalk.bench_streams import (
     _peak_rss_mb,
     _Stream,
     format_row,
+    pace,
     run_streams,
 )
 from musetalk.models import Models
@@ -38,12 +39,7 @@ def run_streams_remote(
     for k in range(n):
         stream = _Stream(k, client, ids[k % len(avatars)], avatars[k % len(avatars)], opts, start, n)
         streams.append(stream)
-    time.sleep(max(0.0, start - time.monotonic()))
-    deadline = start + opts.seconds + 5.0 + 2 * opts.latency_budget_s
-    while not all(s.done for s in streams) and time.monotonic() < deadline:
-        now = time.monotonic()
-        wake = min(s.step(now) for s in streams)
-        time.sleep(min(max(wake - time.monotonic(), 0.0), 0.005))
+    pace(streams, start, opts)
     stats = [s.session.stats() for s in streams]
     cluster = client.stats()
     for s in streams:
