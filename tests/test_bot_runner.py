@@ -221,9 +221,12 @@ def test_bad_settings_never_start_anything(runner, prepared_avatar):
     assert runner.status().state == "stopped"
 
 
-def test_viewers_get_their_own_sessions_and_a_crash_ends_only_its_viewer(runner, prepared_avatar):
+def test_viewers_get_their_own_sessions_and_a_crash_ends_only_its_viewer(models, prepared_avatar):
     """Each offer starts a viewer pipeline with its own session on the shared service; viewers
     coexist; a fatal error inside one viewer's pipeline ends that viewer only; the bot goes on."""
+    from musetalk.live.service import GenerationService, ServiceSettings
+
+    runner = BotRunner(models, service=GenerationService(models, ServiceSettings(admission=False)))
     before = {t.ident for t in bot_threads()}
     status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
     run = runner._runs[status.bot_id]

@@ -245,10 +245,19 @@ class MuseTalkProcessor(FrameProcessor):
         service = self._service
         self._loop = asyncio.get_running_loop()
         avatar_id = await asyncio.to_thread(service.add_avatar, self._avatar)
-        # Off the loop: on a remote backend (Ray) opening a session is a network call.
-        info = await asyncio.to_thread(
-            service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size
+        # Off the loop: on a remote backend (Ray) opening a session is a network call. If the pipeline
+        # is cancelled meanwhile, the session may still open in that thread: close it once it has.
+        opening = asyncio.ensure_future(
+            asyncio.to_thread(service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size)
         )
+        try:
+            info = await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            session_id = self._session_id
+            opening.add_done_callback(
+                lambda f: None if f.cancelled() or f.exception() else service.close_session(session_id)
+            )
+            raise
         self._session = LiveSession(
             session_id=self._session_id, avatar=self._avatar, settings=self._settings, submit=service.submit,
             context_seconds=info.context_seconds,

@@ -285,8 +285,9 @@ class BotRun:
 
     # ---------------------------------------------------------------- the thread
     def launch(self) -> None:
-        self.thread = threading.Thread(target=self._thread_main, name=f"musetalk-bot-{self.bot_id}", daemon=True)
-        self.thread.start()
+        thread = threading.Thread(target=self._thread_main, name=f"musetalk-bot-{self.bot_id}", daemon=True)
+        thread.start()
+        self.thread = thread  # only once started: stop() joins it from other threads
 
     def _thread_main(self) -> None:
         loop = asyncio.new_event_loop()

@@ -66,12 +66,13 @@ class BotRunner:
     # ---------------------------------------------------------------- the shared service
     @property
     def service(self) -> GenerationService:
-        """The generation service every bot of this runner uses (created on first use)."""
+        """The generation service every bot of this runner uses (its own unless one was passed in;
+        created on first use; its worker thread ends whenever no session is open)."""
         with self._lock:
             if self._service is None:
                 from musetalk.live.service import GenerationService
 
-                self._service = GenerationService.for_models(self._models)
+                self._service = GenerationService(self._models)
             return self._service
 
     def service_stats(self) -> ServiceStats | None:
