@@ -93,7 +93,7 @@ def test_hundred_start_stop_cycles_hold_no_memory(models, prepared_avatar):
     assert not wait_no_new_threads(before_threads)
 
 
-def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepared_avatar):
+def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepared_avatar, avatar_store):
     """Two Daily bots on an unreachable room side by side (Daily needs ~20 s to give up):
     one is stopped while it joins, the other is left to fail. Meanwhile a local bot is stopped
     while starting and while running."""
@@ -108,10 +108,12 @@ def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepa
         assert not joining.running  # a new start is allowed at once
         assert status.last_error is None  # no invented "did not stop" error
 
-        # Starting: stop from another thread while start() is still on its way.
+        # Starting: stop from another thread while start() is still on its way (loading the avatar from disk).
         seen = []
         starter = threading.Thread(
-            target=lambda: seen.append(_start_quietly(local, prepared_avatar)), name="test-starter", daemon=True
+            target=lambda: seen.append(_start_quietly(local, prepared_avatar.name, avatar_store)),
+            name="test-starter",
+            daemon=True,
         )
         starter.start()
         assert wait_until(lambda: local.status().state == "starting", 10)
@@ -145,9 +147,9 @@ def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepa
     assert not wait_no_new_threads(before_threads, timeout=15)
 
 
-def _start_quietly(runner: BotRunner, avatar: Avatar):
+def _start_quietly(runner: BotRunner, avatar: str, store: AvatarStore):
     try:
-        return runner.start(avatar, TransportSettings(kind="local", port=0))
+        return runner.start(avatar, TransportSettings(kind="local", port=0), avatar_store=store)
     except Exception as exc:  # stopped during start: start may report it
         return exc
 
