@@ -104,13 +104,20 @@ def _probe(address: str, timeout: float) -> None:
 
 
 def _init_with_timeout(ray, kwargs: dict[str, Any], address: str | None, timeout: float) -> None:
-    """`ray.init` in a helper thread: Ray Client retries a refused handshake for a long time."""
+    """`ray.init` in a helper thread (Ray Client retries a refused handshake for a long time) that then
+    stays alive: measured here, the driver loses its cluster (GCS unreachable) once the thread that
+    called `ray.init` ends, and the panel calls this from short-lived worker threads."""
     outcome: list[BaseException | None] = []
-    thread = threading.Thread(
-        target=lambda: outcome.append(_try(ray.init, kwargs)), name="musetalk-ray-init", daemon=True
-    )
-    thread.start()
-    thread.join(timeout)
+    done = threading.Event()
+
+    def init_and_stay() -> None:
+        outcome.append(_try(ray.init, kwargs))
+        done.set()
+        if outcome[0] is None:
+            threading.Event().wait()  # the driver's thread lives as long as the process
+
+    threading.Thread(target=init_and_stay, name="musetalk-ray-driver", daemon=True).start()
+    done.wait(timeout)
     where = address or "this machine"
     if not outcome:
         raise BackendError(
@@ -120,6 +127,17 @@ def _init_with_timeout(ray, kwargs: dict[str, Any], address: str | None, timeout
         )
     if outcome[0] is not None:
         raise BackendError(f"Could not join the Ray cluster at {where}: {outcome[0]}") from outcome[0]
+
+
+def _join_running_cluster(ray, kwargs: dict[str, Any], timeout: float) -> bool:
+    """Join the cluster `ray start` runs on this machine, if any (False when there is none)."""
+    try:
+        _init_with_timeout(ray, {**kwargs, "address": "auto"}, "this machine", timeout)
+    except BackendError as exc:
+        if "Could not find any running Ray instance" in str(exc) or "ConnectionError" in repr(exc.__cause__):
+            return False
+        raise
+    return True
 
 
 def _try(fn, kwargs: dict[str, Any]) -> BaseException | None:
@@ -148,12 +166,16 @@ def connect_ray(
         kwargs: dict[str, Any] = {"ignore_reinit_error": True, "log_to_driver": False}
         if address is not None:
             kwargs["address"] = address
-        else:  # a local cluster started here runs this checkout's code in its workers
+            _init_with_timeout(ray, kwargs, address, opts.join_timeout_s)
+        elif not _join_running_cluster(ray, kwargs, opts.join_timeout_s):
+            # No cluster on this machine: start one here, on loopback (it serves this machine only), whose
+            # workers run this checkout's code.
             root = str(Path(__file__).resolve().parents[2])
+            kwargs.update(address="local", _node_ip_address="127.0.0.1", include_dashboard=False)
             kwargs["runtime_env"] = {"env_vars": {"PYTHONPATH": root}}
             if opts.num_cpus is not None:
                 kwargs["num_cpus"] = opts.num_cpus
-        _init_with_timeout(ray, kwargs, address, opts.join_timeout_s)
+            _init_with_timeout(ray, kwargs, address, max(opts.join_timeout_s, 120.0))
     app = serve.status().applications.get(APP_NAME)
     state = str(getattr(app.status, "value", app.status)) if app is not None else "absent"
     if state not in ("RUNNING", "DEPLOYING"):
