@@ -219,3 +219,27 @@ def test_avatar_blob_round_trip_digest_and_cache(tmp_path, avatars):
     assert not cache.has(key)
     cache.put(key, blob)
     assert cache.has(key) and cache.load(key).manifest == avatars[0].manifest
+
+
+@needs_ray
+def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, prepared_avatar):
+    """What the panel and start_pipecat_server.py do with --backend ray: a BotRunner whose service is
+    the Ray client; a viewer's session opens on a replica, its video flows, stop closes the session."""
+    import httpx
+    from test_bot_runner import candidate_free_offer, wait_until
+
+    from musetalk.bot.runner import BotRunner
+    from musetalk.bot.transports import TransportSettings
+
+    runner = BotRunner(models, service=ray_client)
+    before = ray_client.stats().sessions
+    try:
+        status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+        answer = httpx.post(status.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert wait_until(lambda: ray_client.stats().sessions == before + 1, 60), ray_client.stats()
+        assert wait_until(lambda: runner.status().frames > 10, 30), runner.status()
+        assert runner.status().viewers == 1 and runner.status().last_error is None
+    finally:
+        assert runner.stop(timeout=10).state == "stopped"
+    assert wait_until(lambda: ray_client.stats().sessions == before, 30), ray_client.stats()
