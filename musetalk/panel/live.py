@@ -156,7 +156,7 @@ class LiveActions:
         return dataclasses.asdict(stats) if stats is not None else None
 
     def bot_status(self) -> dict:
-        """The live bot's status: state, avatar, transport, url, mode, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
+        """The newest running bot's status: bot_id, state, avatar, transport, url, mode, viewers, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
 
         Returns:
             the status (JSON)

@@ -202,7 +202,7 @@ def status_view(status: dict) -> str:
     lines = [
         head,
         "",
-        "| Uptime | FPS | Mouth latency | Frames | Real time | Viewer |",
+        "| Uptime | FPS | Mouth latency | Frames | Real time | Viewers |",
         "|---|---|---|---|---|---|",
         f"| {format_duration(status.get('uptime_s') or 0)} | {fps} | {lat} | {status.get('frames', 0):,} | {realtime} | {viewer} |",
     ]
