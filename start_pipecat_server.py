@@ -241,7 +241,7 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
     """Load models and the avatar, start the bot, report until Ctrl-C or an error."""
     from loguru import logger
 
-    from musetalk.bot.runner import BotRunner
+    from musetalk.bot.workers import make_bot_runner
     from musetalk.config import ModelPaths, models_dir_from_env, runtime_from_env
     from musetalk.models import load_models
 
@@ -266,7 +266,8 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
             args.backend, models=models, models_dir=models_dir_from_env(), runtime=runtime_from_env(),
             settings=service_settings,
         )  # fmt: skip
-    runner = BotRunner(models, service=service)
+    # On `--backend ray` the bot runs in a worker process of its own on this machine (musetalk/bot/workers.py).
+    runner = make_bot_runner(models, service, backend=args.backend)
     try:
         status = runner.start(avatar, transport, live)
         if status.url:

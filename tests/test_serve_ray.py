@@ -243,3 +243,96 @@ def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, pre
     finally:
         assert runner.stop(timeout=10).state == "stopped"
     assert wait_until(lambda: ray_client.stats().sessions == before, 30), ray_client.stats()
+
+
+@needs_ray
+def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_client, avatar_store, prepared_avatar):
+    """Each bot runs in a Ray worker process of its own; kill -9 of one: its status says so, the other bot's
+    viewer keeps getting frames, the dead bot's session is freed on the replica, and a new bot starts."""
+    import httpx
+    from test_bot_runner import candidate_free_offer, wait_until
+
+    from musetalk.bot.transports import TransportSettings
+    from musetalk.bot.workers import WorkerBotRunner
+
+    runner = WorkerBotRunner(ray_client, max_bots=2, bot_cpus=0.5)
+    before = ray_client.stats().sessions
+    try:
+        bots = [
+            runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+            for _ in range(2)
+        ]
+        pids = {b.worker_pid for b in bots}
+        assert None not in pids and len(pids | {os.getpid()}) == 3, bots  # two processes, neither this one
+        with pytest.raises(Exception, match="2 bots are running"):
+            runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+        for bot in bots:
+            answer = httpx.post(bot.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+            assert answer.status_code == 200, answer.text
+        assert wait_until(lambda: all(runner.status(b.bot_id).frames > 10 for b in bots), 60), runner.bots()
+        assert runner.avatar_in_use(prepared_avatar.name)
+
+        victim, survivor = bots
+        os.kill(victim.worker_pid, signal.SIGKILL)
+        assert wait_until(lambda: runner.status(victim.bot_id).state == "error", 15), runner.status(victim.bot_id)
+        dead = runner.status(victim.bot_id)
+        assert f"pid {victim.worker_pid}" in dead.last_error and "died" in dead.last_error, dead
+        assert dead.viewers == 0 and runner.running_ids() == [survivor.bot_id]
+        frames = runner.status(survivor.bot_id).frames
+        assert wait_until(lambda: runner.status(survivor.bot_id).frames > frames + 10, 30), runner.status(survivor.bot_id)
+        assert runner.status(survivor.bot_id).state == "running"
+        # The replica closes the dead bot's session once nobody polls it (ORPHAN_S).
+        assert wait_until(lambda: ray_client.stats().sessions == before + 1, 40), ray_client.stats()
+
+        stopped = runner.stop(victim.bot_id)
+        assert stopped.state == "stopped" and "died" in stopped.last_error  # acknowledged, error kept
+        again = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
+        assert again.state == "running" and again.worker_pid not in pids
+    finally:
+        runner.stop_all(timeout=10)
+        assert runner.join_closing(60)
+    assert not runner.running
+    assert wait_until(lambda: ray_client.stats().sessions == before, 40), ray_client.stats()
+
+
+@needs_ray
+def test_the_panel_drives_bot_workers_on_the_ray_backend(ray_client, avatar_store, prepared_avatar, tiny_models_dir,
+                                                          tmp_path):  # fmt: skip
+    """app.py --backend ray joins this machine's cluster: the same API names start bots in worker processes;
+    one killed shows its error in the panel while the other runs on, and stop works for both."""
+    import httpx
+    from gradio_client import Client
+    from test_app import PanelServer, candidate_free_offer, panel_env, poll
+
+    server = PanelServer(["--backend", "ray", "--max-bots", "2"],
+                         panel_env(tiny_models_dir, avatar_store.root, tmp_path), tmp_path / "app.log")  # fmt: skip
+    try:
+        server.wait_ready()
+        client = Client(server.url, verbose=False)
+        start = ("astro", "local", "", "", "mirror", 0, "127.0.0.1", 1.0)
+        first = client.predict(*start, api_name="/start_bot")
+        second = client.predict(*start, api_name="/start_bot")
+        for bot in (first, second):
+            assert bot["state"] == "running" and bot["worker_pid"] not in (None, server.proc.pid, os.getpid()), bot
+        assert first["worker_pid"] != second["worker_pid"]
+        answer = httpx.post(second["url"] + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+
+        def bots() -> dict:
+            return {b["bot_id"]: b for b in client.predict(api_name="/list_bots")}
+
+        assert poll(bots, lambda b: b[second["bot_id"]]["frames"] > 10, 60)[second["bot_id"]]["frames"] > 10
+        service = client.predict(api_name="/service_status")
+        assert service["sessions"] >= 1 and len(service["replicas"]) == 2, service
+
+        os.kill(first["worker_pid"], signal.SIGKILL)
+        seen = poll(bots, lambda b: b[first["bot_id"]]["state"] == "error", 20)
+        assert "died" in (seen[first["bot_id"]]["last_error"] or ""), seen
+        assert seen[second["bot_id"]]["state"] == "running", seen
+        frames = seen[second["bot_id"]]["frames"]
+        assert poll(bots, lambda b: b[second["bot_id"]]["frames"] > frames, 20)[second["bot_id"]]["frames"] > frames
+        assert client.predict(second["bot_id"], api_name="/stop_bot_id")["state"] == "stopped"
+        assert client.predict(first["bot_id"], api_name="/stop_bot_id")["state"] == "stopped"
+    finally:
+        code = server.stop()
+    assert code == 0, server.log.read_text()[-3000:]

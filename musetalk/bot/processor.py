@@ -112,7 +112,14 @@ class MuseTalkProcessor(FrameProcessor):
 
     # ------------------------------------------------------------------ seed API
     async def initialize_models(self) -> None:
-        """Load the models (once per process is enough: pass `models=` to share them)."""
+        """Load the models (once per process is enough: pass `models=` to share them).
+
+        A processor given a `service=` needs none: the service generates the frames (a bot
+        worker process on the Ray backend holds no model copy)."""
+        if self._models is None and self._service is None:
+            await self._load_models()
+
+    async def _load_models(self) -> None:
         if self._models is None:
             paths = ModelPaths(models_dir_from_env())
             self._models = await asyncio.to_thread(_load_models, paths)
@@ -128,6 +135,8 @@ class MuseTalkProcessor(FrameProcessor):
         if first.preparation:
             from musetalk.avatar.prepare import prepare_avatar
 
+            await self._load_models()  # preparing encodes the crops with the VAE, here
+
             logger.info("Preparing avatar {} from {} (preparation: True)", first.name, first.video_path)
             await asyncio.to_thread(
                 prepare_avatar, self._models, store, first.video_path, first.name, PrepareSettings(bbox_shift=first.bbox_shift),
@@ -141,6 +150,7 @@ class MuseTalkProcessor(FrameProcessor):
         Returns one image per started 40 ms. The live path does not use this: it streams.
         """
         await self.initialize_avatars()
+        await self._load_models()  # this direct path runs the models here, even beside a service
         models, avatar = self._models, self._avatar
         assert models is not None and avatar is not None
         if self._generator is None:
@@ -233,7 +243,8 @@ class MuseTalkProcessor(FrameProcessor):
             return
         logger.info(
             "MuseTalk live: avatar {} -> {}x{} video, {} mode, {}",
-            self._avatar.name, *self.video_size, self._settings.mode, self._models.describe(),
+            self._avatar.name, *self.video_size, self._settings.mode,
+            self._models.describe() if self._models is not None else f"frames from {type(self._service).__name__}",
         )  # fmt: skip
         if self._emitter_task is None:
             self._emitter_task = self.create_task(self._emit_loop(), name="musetalk-emitter")

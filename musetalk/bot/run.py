@@ -63,6 +63,7 @@ class BotStatus:
     bot_id: str | None = None
     viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
     room_url: str | None = None  # the Daily room (no token)
+    worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

@@ -46,7 +46,7 @@ class BotRunner:
 
     def __init__(
         self,
-        models: Models,
+        models: Models | None,
         *,
         start_timeout_s: float = 60.0,
         max_bots: int = 1,
@@ -71,6 +71,9 @@ class BotRunner:
         with self._lock:
             if self._service is None:
                 from musetalk.live.service import GenerationService
+
+                if self._models is None:
+                    raise ConfigError("A BotRunner without models needs a service= that generates the frames.")
 
                 self._service = GenerationService(self._models)
             return self._service
@@ -230,6 +233,12 @@ class BotRunner:
     @property
     def running(self) -> bool:
         return bool(self.running_ids())
+
+    def avatars_in_use(self) -> set[str]:
+        """Every avatar a running bot shows (its own and its viewers' picks)."""
+        with self._lock:
+            runs = [r for r in self._runs.values() if r.alive]
+        return set().union(*(r.avatar_names() for r in runs))
 
     def avatar_in_use(self, name: str) -> str | None:
         """A sentence naming the bot that shows avatar `name`, or None when no running bot does."""

@@ -31,6 +31,7 @@ from musetalk import weights
 from musetalk.avatar.preview import PreviewCache
 from musetalk.avatar.store import AvatarStore
 from musetalk.bot.runner import BotRunner, BotStatus
+from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
 from musetalk.bot.transports import IceServerSpec
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
@@ -89,7 +90,7 @@ class Engine:
         self._error: str | None = None
         self._fetch_progress: weights.Progress | None = None
         self._fetch_errors: list[str] = []
-        self._runner: BotRunner | None = None
+        self._runner: BotRunner | WorkerBotRunner | None = None
         self._cancel: threading.Event | None = None
         self._active_sources: set[Path] = set()
         self._preparing: set[str] = set()  # avatars being prepared (again): the bot may not start them
@@ -236,7 +237,7 @@ class Engine:
         threading.Thread(target=self._load, name="musetalk-model-loader", daemon=True).start()
 
     # ---------------------------------------------------------------- bot
-    def runner(self, on_wait: Callable[[], None] | None = None) -> BotRunner:
+    def runner(self, on_wait: Callable[[], None] | None = None) -> BotRunner | WorkerBotRunner:
         models = self.models(on_wait)
         with self._cond:
             if self._runner is None:
@@ -252,10 +253,12 @@ class Engine:
                         self.options.backend, models=models, models_dir=self.paths.models_dir, runtime=self.runtime,
                         settings=settings,
                     )  # fmt: skip
-                self._runner = BotRunner(models, max_bots=self.options.max_bots, service=service)
+                # On `ray`, every bot is a worker process of its own (musetalk/bot/workers.py).
+                self._runner = make_bot_runner(models, service, backend=self.options.backend,
+                                               max_bots=self.options.max_bots)  # fmt: skip
             return self._runner
 
-    def existing_runner(self) -> BotRunner | None:
+    def existing_runner(self) -> BotRunner | WorkerBotRunner | None:
         with self._cond:
             return self._runner
 

@@ -224,7 +224,7 @@ def status_view(status: dict) -> str:
     return "\n".join(lines)
 
 
-BOTS_HEADERS = ["bot", "state", "avatar", "transport", "where", "viewers", "fps", "frames", "uptime", "last error"]
+BOTS_HEADERS = ["bot", "state", "avatar", "transport", "where", "process", "viewers", "fps", "frames", "uptime", "last error"]
 
 
 def bots_rows(bots: list[dict]) -> list[list]:
@@ -237,6 +237,7 @@ def bots_rows(bots: list[dict]) -> list[list]:
             b.get("avatar") or "",
             b.get("transport") or "",
             b.get("url") or b.get("room_url") or "",
+            f"worker pid {b['worker_pid']}" if b.get("worker_pid") else "panel",
             b.get("viewers", 0),
             "" if b.get("fps") is None else round(b["fps"], 1),
             b.get("frames", 0),

@@ -319,16 +319,18 @@ class RayGenerationClient:
         return False
 
     async def _stats(self) -> list[ReplicaReport]:
-        ids = set()
-        for replicas in KNOWN_REPLICAS.values():
-            ids.update(replicas)
-        if not ids:  # the router has not started yet: ask any replica once
-            ids = {""}
+        reports: dict[str, ReplicaReport] = {}
+        if not _known_replicas():  # this process's router starts with its first request: ask any replica once
+            await self._ask_stats([""], reports)
+        await self._ask_stats(sorted(_known_replicas() - set(reports)), reports)
+        return [reports[k] for k in sorted(reports)]
+
+    async def _ask_stats(self, replica_ids: list[str], reports: dict[str, ReplicaReport]) -> None:
         replies = await asyncio.gather(
-            *(self._handle.options(multiplexed_model_id=pinned_id("stats", r) if r else "").stats.remote() for r in sorted(ids)),
+            *(self._handle.options(multiplexed_model_id=pinned_id("stats", r) if r else "").stats.remote()
+              for r in replica_ids),
             return_exceptions=True,
         )  # fmt: skip
-        reports = {}
         for reply in replies:
             if isinstance(reply, BaseException):
                 logger.warning("a MuseTalk replica did not report its stats: {}", reply)
@@ -336,7 +338,11 @@ class RayGenerationClient:
                 reports[reply["replica"]] = ReplicaReport(
                     reply["replica"], reply["pid"], reply["sessions"], reply["stats"]
                 )
-        return [reports[k] for k in sorted(reports)]
+
+
+def _known_replicas() -> set[str]:
+    """Replica ids this process's routers have seen (every deployment of the app)."""
+    return {replica for replicas in KNOWN_REPLICAS.values() for replica in replicas}
 
 
 def _subset(request: FrameRequest, items: tuple) -> FrameRequest:

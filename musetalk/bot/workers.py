@@ -1,0 +1,392 @@
+"""Bots as worker processes on a Ray cluster: one Ray actor per bot, placed on CPU.
+
+With `--backend ray`, each bot (its Pipecat pipelines, WebRTC or Daily transport, video
+encoding) runs in a process of its own: bots no longer share one interpreter's GIL, and a bot
+that dies, even by kill -9, takes nothing else with it; the panel shows its error. A worker
+holds no models: its sessions call the MuseTalk Serve app through a handle (`RayGenerationClient`).
+
+`WorkerBotRunner` has the surface of `BotRunner` (start, stop, stop_all, status, bots,
+running_ids, running, avatar_in_use, service_stats, join_closing, service), so the panel and
+start_pipecat_server.py drive either. Workers are pinned to this machine's node: the local page
+a worker serves is on this machine, and it reads avatars from this machine's avatar store. A
+process joined through Ray Client (`ray://HOST:PORT`) is no node of the cluster: there bots stay
+threads of this process (`make_bot_runner` decides) and only the frames come from the cluster.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from loguru import logger
+
+from musetalk.avatar.store import Avatar, AvatarStore
+from musetalk.bot.run import BotStatus
+from musetalk.bot.runner import STOP_GRACE_S, BotRunner
+from musetalk.bot.transports import TransportSettings
+from musetalk.errors import ConfigError, MuseTalkError
+
+if TYPE_CHECKING:
+    from musetalk.bot.processor import LiveSettings
+    from musetalk.models import Models
+
+__all__ = ["BotWorker", "WorkerBotRunner", "make_bot_runner", "uses_bot_workers"]
+
+STATUS_TIMEOUT_S = 2.0  # a worker that does not answer a status call within this is reported as not answering
+CLOSE_TIMEOUT_S = 40.0  # a stopped worker's teardown (a Daily join settling) before its process is ended
+_ALIVE = ("starting", "running", "stopping")
+_KEEP_ENDED = 8
+
+
+def uses_bot_workers(backend: str) -> bool:
+    """Bots run as worker processes on `ray` (this machine is a node); on `inproc` and `ray://` they are threads."""
+    from musetalk.serve.backend import BackendSpec
+
+    parsed = BackendSpec.parse(backend)
+    return parsed.kind == "ray" and parsed.address is None
+
+
+def make_bot_runner(
+    models: Models | None, service: Any, *, backend: str = "inproc", max_bots: int = 1, bot_cpus: float = 1.0
+) -> BotRunner | WorkerBotRunner:
+    """The bot manager for `backend`: threads of this process, or Ray worker processes (see the module docstring)."""
+    if uses_bot_workers(backend):
+        return WorkerBotRunner(service, max_bots=max_bots, bot_cpus=bot_cpus)
+    return BotRunner(models, max_bots=max_bots, service=service)
+
+
+class BotWorker:
+    """What runs inside a bot's worker process: a one-bot `BotRunner` over the Serve app.
+
+    Created by `WorkerBotRunner` as a Ray actor (with concurrency, so status calls answer while
+    a start waits); never used directly.
+    """
+
+    def __init__(self, app_name: str, avatars_dir: str):
+        from ray import serve
+
+        from musetalk.serve.client import RayGenerationClient
+
+        self._client = RayGenerationClient(serve.get_app_handle(app_name))
+        self._store = AvatarStore(Path(avatars_dir))
+        self._runner = BotRunner(None, service=self._client)
+
+    def pid(self) -> int:
+        return os.getpid()
+
+    def start(self, avatar_name: str, transport: TransportSettings, live: LiveSettings) -> BotStatus:
+        return self._runner.start(avatar_name, transport, live, avatar_store=self._store)
+
+    def report(self) -> tuple[BotStatus, list[str]]:
+        """The bot's status and every avatar it shows (its own and its viewers' picks)."""
+        status = self._runner.status()
+        return status, sorted(self._runner.avatars_in_use())
+
+    def stop(self, timeout: float) -> BotStatus:
+        return self._runner.stop(timeout=timeout)
+
+    def close(self, timeout: float) -> bool:
+        """Let a stopped bot finish its teardown, then end the sessions' client (the process ends after)."""
+        self._runner.stop_all()
+        done = self._runner.join_closing(timeout)
+        self._client.close()
+        return done
+
+
+@dataclass
+class _Worker:
+    """The panel's side of one bot worker: its actor, its last known status."""
+
+    bot_id: str
+    actor: Any
+    settings: TransportSettings
+    last: BotStatus
+    avatars: set[str] = field(default_factory=set)
+    pid: int | None = None
+    gone: bool = False  # the process died (or was ended): no more calls to it
+
+    @property
+    def alive(self) -> bool:
+        return self.last.state in _ALIVE
+
+
+class WorkerBotRunner:
+    """Start, stop and watch bots that each run in a Ray worker process (see the module docstring)."""
+
+    def __init__(
+        self, service: Any, *, max_bots: int = 1, bot_cpus: float = 1.0, start_timeout_s: float = 90.0,
+        app_name: str | None = None,
+    ):  # fmt: skip
+        import ray
+
+        from musetalk.serve.deployment import APP_NAME
+
+        if max_bots < 1:
+            raise ConfigError("max_bots must be at least 1.")
+        if not ray.is_initialized():
+            raise ConfigError("Bot workers need this process joined to a Ray cluster (make_backend('ray') does that).")
+        self._service = service
+        self._max_bots = max_bots
+        self._bot_cpus = bot_cpus
+        self._start_timeout_s = start_timeout_s
+        self._app_name = app_name or APP_NAME
+        self._node_id = ray.get_runtime_context().get_node_id()
+        self._lock = threading.Lock()
+        self._workers: dict[str, _Worker] = {}
+        self._ids = itertools.count(1)
+        self._closing: list[threading.Thread] = []
+        self._actor_class = ray.remote(BotWorker)
+
+    # ---------------------------------------------------------------- the shared service
+    @property
+    def service(self) -> Any:
+        return self._service
+
+    def service_stats(self) -> Any:
+        return self._service.stats()
+
+    @property
+    def max_bots(self) -> int:
+        return self._max_bots
+
+    # ---------------------------------------------------------------- start / stop
+    def start(
+        self, avatar: str | Avatar, transport_settings: TransportSettings, live_settings: LiveSettings | None = None,
+        avatar_store: AvatarStore | None = None,
+    ) -> BotStatus:  # fmt: skip
+        """Start a bot in a new worker process; returns once it runs, raises `MuseTalkError` if it cannot start."""
+        from musetalk.bot.processor import LiveSettings
+        from musetalk.config import avatars_dir_from_env
+
+        if not isinstance(transport_settings, TransportSettings):
+            raise ConfigError("transport_settings must be a TransportSettings.")
+        if not isinstance(avatar, (str, Avatar)):
+            raise ConfigError("avatar must be an avatar name or a loaded Avatar.")
+        live = live_settings if live_settings is not None else LiveSettings()
+        name = avatar if isinstance(avatar, str) else avatar.name
+        # The worker loads the avatar itself, by name, from the same store on this node.
+        store_root = avatar_store.root if avatar_store is not None else Path(avatars_dir_from_env())
+        if not AvatarStore(store_root).exists(name):
+            raise MuseTalkError(f"Avatar {name!r} is not in {store_root}; prepare it first (Avatars tab).")
+        with self._lock:
+            self._refuse_past_limit()
+            bot_id = f"bot-{next(self._ids)}"
+            worker = _Worker(bot_id, None, transport_settings, self._starting_status(bot_id, name, transport_settings, live))
+            worker.avatars = {name}
+            self._workers[bot_id] = worker
+            self._forget_old_workers()
+        self._wait_for_closing(transport_settings)
+        logger.info("Starting bot {} in a worker process: avatar {}, {}", bot_id, name, transport_settings)
+        try:
+            worker.actor = self._new_actor(str(store_root))
+            worker.pid = self._get(worker.actor.pid.remote(), self._start_timeout_s, worker, "start its process")
+            status = self._get(worker.actor.start.remote(name, transport_settings, live), self._start_timeout_s,
+                               worker, "start")  # fmt: skip
+        except MuseTalkError as exc:
+            self._end(worker, "error", str(exc))
+            raise
+        worker.last = self._own(worker, status)
+        return worker.last
+
+    def _new_actor(self, avatars_dir: str) -> Any:
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        root = str(Path(__file__).resolve().parents[2])
+        return self._actor_class.options(
+            num_cpus=self._bot_cpus,
+            max_concurrency=8,  # status calls answer while start() waits for the bot
+            max_restarts=0,  # a dead bot is reported, not restarted behind the operator's back
+            scheduling_strategy=NodeAffinitySchedulingStrategy(self._node_id, soft=False),
+            runtime_env={"env_vars": {"PYTHONPATH": root}},  # this checkout's code, on this node
+        ).remote(self._app_name, avatars_dir)
+
+    def _starting_status(self, bot_id: str, name: str, settings: TransportSettings, live: LiveSettings) -> BotStatus:
+        return BotStatus(state="starting", avatar=name, transport=settings.kind, mode=live.mode, bot_id=bot_id,
+                         room_url=settings.room_url)  # fmt: skip
+
+    def _refuse_past_limit(self) -> None:
+        alive = [w for w in self._workers.values() if w.alive]
+        if len(alive) < self._max_bots:
+            return
+        if self._max_bots == 1:
+            current = alive[0]
+            raise MuseTalkError(f"The bot is already {current.last.state} (avatar {current.last.avatar}); stop it first.")
+        raise MuseTalkError(
+            f"{len(alive)} bots are running, the most this runner starts ({self._max_bots}); stop one first."
+        )
+
+    def _forget_old_workers(self) -> None:
+        ended = [bot_id for bot_id, w in self._workers.items() if not w.alive]
+        for bot_id in ended[: max(0, len(ended) - _KEEP_ENDED)]:
+            del self._workers[bot_id]
+
+    def stop(self, bot_id: str | None = None, timeout: float = STOP_GRACE_S) -> BotStatus:
+        """Stop a bot (the newest running one when `bot_id` is None); its process ends once its teardown is done."""
+        worker = self._find(bot_id)
+        if worker is None:
+            return self.status(bot_id)
+        if worker.gone or worker.actor is None:
+            self._end(worker, "stopped")
+            return worker.last
+        try:
+            status = self._get(worker.actor.stop.remote(timeout), timeout + STATUS_TIMEOUT_S + 5, worker, "stop")
+            worker.last = self._own(worker, status)
+        except MuseTalkError as exc:
+            logger.warning("Bot {}: {}", worker.bot_id, exc)
+        self._end(worker, "stopped")
+        self._close_in_background(worker)
+        return worker.last
+
+    def stop_all(self, timeout: float = STOP_GRACE_S) -> list[BotStatus]:
+        with self._lock:
+            alive = [bot_id for bot_id, w in self._workers.items() if w.alive]
+        return [self.stop(bot_id, timeout=timeout) for bot_id in alive]
+
+    def _close_in_background(self, worker: _Worker) -> None:
+        """End the worker's process after its teardown (a Daily call still leaving) without blocking the caller."""
+        actor, worker.actor, worker.gone = worker.actor, None, True
+
+        def close() -> None:
+            import ray
+
+            try:
+                ray.get(actor.close.remote(CLOSE_TIMEOUT_S), timeout=CLOSE_TIMEOUT_S + 10)
+            except Exception as exc:  # it died or hangs: it is killed below either way
+                logger.debug("Bot {} worker close: {}", worker.bot_id, exc)
+            ray.kill(actor, no_restart=True)
+
+        thread = threading.Thread(target=close, name=f"musetalk-close-{worker.bot_id}", daemon=True)
+        thread.start()
+        with self._lock:
+            self._closing = [t for t in self._closing if t.is_alive()] + [thread]
+
+    def join_closing(self, timeout: float) -> bool:
+        """Wait up to `timeout` s for stopped workers to end; True when none is left."""
+        deadline = time.monotonic() + timeout
+        with self._lock:
+            closing = list(self._closing)
+        for thread in closing:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        with self._lock:
+            self._closing = [t for t in self._closing if t.is_alive()]
+            return not self._closing
+
+    def _wait_for_closing(self, settings: TransportSettings, timeout: float = 5.0) -> None:
+        """A stopped local bot's process may still hold the port a new local bot asks for."""
+        if settings.kind == "local":
+            self.join_closing(timeout)
+
+    # ---------------------------------------------------------------- status
+    def _find(self, bot_id: str | None) -> _Worker | None:
+        with self._lock:
+            if bot_id is None:
+                workers = list(self._workers.values())
+                return next((w for w in reversed(workers) if w.alive), workers[-1] if workers else None)
+            return self._workers.get(bot_id)
+
+    def status(self, bot_id: str | None = None) -> BotStatus:
+        """One bot's status (the newest running one when `bot_id` is None); "stopped" when there is none."""
+        worker = self._find(bot_id)
+        if worker is None:
+            if bot_id is not None:
+                raise ConfigError(f"No bot {bot_id!r} (running bots: {', '.join(self.running_ids()) or 'none'}).")
+            return BotStatus()
+        self._refresh([worker])
+        return worker.last
+
+    def bots(self) -> list[BotStatus]:
+        """Every bot (running ones and the last few that ended), oldest first."""
+        with self._lock:
+            workers = list(self._workers.values())
+        self._refresh(workers)
+        return [w.last for w in workers]
+
+    def running_ids(self) -> list[str]:
+        with self._lock:
+            return [bot_id for bot_id, w in self._workers.items() if w.alive]
+
+    @property
+    def running(self) -> bool:
+        return bool(self.running_ids())
+
+    def avatar_in_use(self, name: str) -> str | None:
+        """A sentence naming the bot that shows avatar `name`, or None when no running bot does."""
+        with self._lock:
+            workers = [w for w in self._workers.values() if w.alive and name in w.avatars]
+        if not workers:
+            return None
+        w = workers[0]
+        where = w.last.url or w.settings.room_url or w.settings.kind
+        return f"the {w.settings.kind} bot {w.bot_id} ({w.last.state}, {where}) is using avatar {name!r}"
+
+    def _refresh(self, workers: list[_Worker]) -> None:
+        """Ask every live worker for its status at once; a dead one becomes "error" with what happened."""
+        import ray
+
+        asked = {}
+        for w in workers:
+            if w.alive and not w.gone and w.actor is not None and w.pid is not None:
+                asked[w.actor.report.remote()] = w
+        if not asked:
+            return
+        ready, _ = ray.wait(list(asked), num_returns=len(asked), timeout=STATUS_TIMEOUT_S)
+        for ref, w in asked.items():
+            if ref not in ready:
+                w.last = dataclasses.replace(
+                    w.last, warning=f"the bot's worker process (pid {w.pid}) did not answer within {STATUS_TIMEOUT_S:.0f} s"
+                )  # fmt: skip
+                continue
+            try:
+                status, avatars = self._get(ref, STATUS_TIMEOUT_S, w, "report")
+            except MuseTalkError:
+                continue  # _get recorded the death
+            w.last, w.avatars = self._own(w, status), set(avatars)
+
+    # ---------------------------------------------------------------- plumbing
+    def _own(self, worker: _Worker, status: BotStatus) -> BotStatus:
+        """The worker's status under this runner's id for it, with its process id."""
+        return dataclasses.replace(status, bot_id=worker.bot_id, worker_pid=worker.pid)
+
+    def _end(self, worker: _Worker, state: str, error: str | None = None) -> None:
+        worker.last = dataclasses.replace(
+            worker.last, state=state, last_error=error or worker.last.last_error, viewers=0, viewer_connected=False,
+            fps=None,
+        )  # fmt: skip
+
+    def _get(self, ref: Any, timeout: float, worker: _Worker, what: str) -> Any:
+        """`ray.get` with the worker's failures as `MuseTalkError`s; a dead process marks the bot "error"."""
+        import ray
+        from ray.exceptions import GetTimeoutError, RayActorError, RayTaskError
+
+        try:
+            return ray.get(ref, timeout=timeout)
+        except RayTaskError as exc:  # the bot raised: its own readable error
+            cause = getattr(exc, "cause", None)
+            raise MuseTalkError(str(cause) if isinstance(cause, MuseTalkError) else f"{type(cause).__name__}: {cause}") from None
+        except RayActorError as exc:
+            message = _death_message(worker.pid, exc)
+            logger.error("Bot {}: {}", worker.bot_id, message)
+            worker.gone = True
+            self._end(worker, "error", message)
+            raise MuseTalkError(message) from None
+        except GetTimeoutError:
+            if what in ("start", "start its process"):
+                ray.kill(worker.actor, no_restart=True)
+                worker.gone = True
+            raise MuseTalkError(f"The bot's worker process did not {what} within {timeout:.0f} s.") from None
+
+
+def _death_message(pid: int | None, exc: BaseException) -> str:
+    reason = " ".join(str(exc).split())
+    reason = reason if len(reason) <= 240 else reason[:237] + "..."
+    which = f" (pid {pid})" if pid else ""
+    return (
+        f"The bot's worker process{which} died; its viewers were disconnected. The panel and the other bots go on: "
+        f"start it again. (Ray said: {reason})"
+    )
