@@ -31,8 +31,8 @@ from musetalk import weights
 from musetalk.avatar.preview import PreviewCache
 from musetalk.avatar.store import AvatarStore
 from musetalk.bot.runner import BotRunner, BotStatus
-from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
 from musetalk.bot.transports import IceServerSpec
+from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
 from musetalk.models import Models, check_weights, load_models, resolve_runtime
