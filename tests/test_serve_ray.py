@@ -8,6 +8,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import signal
+import socket
 import threading
 import time
 
@@ -16,7 +17,7 @@ import pytest
 
 from musetalk.bench import synthetic_avatar, synthetic_features
 from musetalk.config import RuntimeSettings
-from musetalk.errors import ConfigError
+from musetalk.errors import ConfigError, MuseTalkError
 from musetalk.live.requests import FrameItem, FrameRequest
 from musetalk.live.service import GenerationService, ServiceSettings
 from musetalk.serve import backend as backend_mod
@@ -60,6 +61,14 @@ class Results:
                 left = deadline - time.monotonic()
                 assert left > 0, f"{len(set(seqs) - set(self.images) - set(self.skipped))} frames never arrived"
                 self.changed.wait(left)
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def renamed(avatar, name):
@@ -189,6 +198,17 @@ def test_backend_choice_errors(monkeypatch):
         make_backend("ray")
 
 
+def test_bots_are_worker_processes_only_where_this_process_is_a_cluster_node(models):
+    from musetalk.bot.runner import BotRunner
+    from musetalk.bot.workers import make_bot_runner, uses_bot_workers
+
+    assert uses_bot_workers("ray")
+    assert not uses_bot_workers("inproc") and not uses_bot_workers("ray://10.0.0.1:10001")  # Ray Client: threads
+    service = GenerationService(models, ServiceSettings(batch_size=1))
+    runner = make_bot_runner(models, service, backend="ray://10.0.0.1:10001", max_bots=3)
+    assert isinstance(runner, BotRunner) and runner.service is service and runner.max_bots == 3
+
+
 @needs_ray
 def test_unreachable_ray_address_fails_fast():
     start = time.monotonic()
@@ -286,6 +306,16 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
 
         stopped = runner.stop(victim.bot_id)
         assert stopped.state == "stopped" and "died" in stopped.last_error  # acknowledged, error kept
+
+        with socket.socket() as busy:  # a bot that cannot start: its readable error, and no process left behind
+            busy.bind(("127.0.0.1", 0))
+            busy.listen()
+            port = busy.getsockname()[1]
+            with pytest.raises(MuseTalkError, match=f"Port {port} on 127.0.0.1 is already in use"):
+                runner.start(prepared_avatar.name, TransportSettings(kind="local", port=port), avatar_store=avatar_store)
+        failed = runner.bots()[-1]
+        assert failed.state == "error" and failed.worker_pid and failed.worker_pid not in pids, failed
+        assert runner.join_closing(60) and wait_until(lambda: not pid_alive(failed.worker_pid), 15)
         again = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
         assert again.state == "running" and again.worker_pid not in pids
     finally:

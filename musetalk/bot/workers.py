@@ -186,10 +186,13 @@ class WorkerBotRunner:
         try:
             worker.actor = self._new_actor(str(store_root))
             worker.pid = self._get(worker.actor.pid.remote(), self._start_timeout_s, worker, "start its process")
+            worker.last = self._own(worker, worker.last)
             status = self._get(worker.actor.start.remote(name, transport_settings, live), self._start_timeout_s,
                                worker, "start")  # fmt: skip
         except MuseTalkError as exc:
             self._end(worker, "error", str(exc))
+            if worker.actor is not None and not worker.gone:
+                self._close_in_background(worker)  # a bot that could not start leaves no process behind
             raise
         worker.last = self._own(worker, status)
         return worker.last
@@ -347,6 +350,8 @@ class WorkerBotRunner:
             except MuseTalkError:
                 continue  # _get recorded the death
             w.last, w.avatars = self._own(w, status), set(avatars)
+            if not w.alive:  # it ended by itself (a Daily error, say): its process ends, its status stays
+                self._close_in_background(w)
 
     # ---------------------------------------------------------------- plumbing
     def _own(self, worker: _Worker, status: BotStatus) -> BotStatus:

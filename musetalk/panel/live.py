@@ -153,7 +153,7 @@ class LiveActions:
         """
         runner = self.engine.existing_runner()
         stats = runner.service_stats() if runner is not None else None
-        return dataclasses.asdict(stats) if stats is not None else None
+        return json_ready(dataclasses.asdict(stats)) if stats is not None else None
 
     def bot_status(self) -> dict:
         """The newest running bot's status: bot_id, state, avatar, transport, url, mode, viewers, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
@@ -322,3 +322,12 @@ def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: g
     gr.api(actions.bot_status, api_name="bot_status", concurrency_limit=None)
     gr.api(actions.list_bots, api_name="list_bots", concurrency_limit=None)
     gr.api(actions.service_status, api_name="service_status", concurrency_limit=None)
+
+
+def json_ready(value):
+    """Dict keys as strings (batch size -> count maps have int keys, which Gradio's JSON encoder refuses)."""
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    return value
