@@ -384,7 +384,13 @@ class WorkerBotRunner:
             if what in ("start", "start its process"):
                 ray.kill(worker.actor, no_restart=True)
                 worker.gone = True
-            raise MuseTalkError(f"The bot's worker process did not {what} within {timeout:.0f} s.") from None
+            hint = ""
+            if what == "start its process":
+                hint = (
+                    f" Each bot worker takes {self._bot_cpus:g} CPU of this machine's Ray node: `ray status` shows "
+                    "what is free (stop a bot, or start Ray with more --num-cpus)."
+                )
+            raise MuseTalkError(f"The bot's worker process did not {what} within {timeout:.0f} s.{hint}") from None
 
 
 def _death_message(pid: int | None, exc: BaseException) -> str:
