@@ -316,8 +316,29 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
         failed = runner.bots()[-1]
         assert failed.state == "error" and failed.worker_pid and failed.worker_pid not in pids, failed
         assert runner.join_closing(60) and wait_until(lambda: not pid_alive(failed.worker_pid), 15)
-        again = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
-        assert again.state == "running" and again.worker_pid not in pids
+        # A new bot starts while the panel keeps asking for statuses (a starting worker is not asked yet).
+        starts: list = []
+        local = TransportSettings(kind="local", port=0)
+        thread = threading.Thread(target=lambda: starts.append(runner.start(prepared_avatar.name, local,
+                                                                            avatar_store=avatar_store)))  # fmt: skip
+        thread.start()
+        while thread.is_alive():
+            assert {b.state for b in runner.bots()} <= {"starting", "running", "stopped", "error"}
+            time.sleep(0.2)
+        again = starts[0]
+        assert again.state == "running" and again.worker_pid not in pids and runner.status(again.bot_id).state == "running"
+
+        # Stopped while its worker process is still starting: "stopped" at once, and nothing runs after.
+        starts.clear()
+        thread = threading.Thread(target=lambda: starts.append(runner.start(prepared_avatar.name, local,
+                                                                            avatar_store=avatar_store)))  # fmt: skip
+        runner.stop(again.bot_id, timeout=10)
+        thread.start()
+        assert wait_until(lambda: runner.bots()[-1].state == "starting" and runner.bots()[-1].bot_id != again.bot_id, 10)
+        late = runner.bots()[-1]
+        assert runner.stop(late.bot_id).state == "stopped"
+        thread.join(120)
+        assert starts and starts[0].state == "stopped" and not runner.running, (starts, runner.bots())
     finally:
         runner.stop_all(timeout=10)
         assert runner.join_closing(60)

@@ -110,6 +110,8 @@ class _Worker:
     avatars: set[str] = field(default_factory=set)
     pid: int | None = None
     gone: bool = False  # the process died (or was ended): no more calls to it
+    starting: bool = True  # start() still owns the actor
+    stop_requested: bool = False  # stopped while starting: start() ends it
 
     @property
     def alive(self) -> bool:
@@ -187,13 +189,20 @@ class WorkerBotRunner:
             worker.actor = self._new_actor(str(store_root))
             worker.pid = self._get(worker.actor.pid.remote(), self._start_timeout_s, worker, "start its process")
             worker.last = self._own(worker, worker.last)
-            status = self._get(worker.actor.start.remote(name, transport_settings, live), self._start_timeout_s,
-                               worker, "start")  # fmt: skip
+            if not worker.stop_requested:
+                status = self._get(worker.actor.start.remote(name, transport_settings, live), self._start_timeout_s,
+                                   worker, "start")  # fmt: skip
         except MuseTalkError as exc:
-            self._end(worker, "error", str(exc))
+            if not worker.stop_requested:
+                self._end(worker, "error", str(exc))
             if worker.actor is not None and not worker.gone:
                 self._close_in_background(worker)  # a bot that could not start leaves no process behind
             raise
+        finally:
+            worker.starting = False
+        if worker.stop_requested:  # stop() answered "stopped" while this start was under way
+            self._close_in_background(worker)
+            return worker.last
         worker.last = self._own(worker, status)
         return worker.last
 
@@ -234,6 +243,12 @@ class WorkerBotRunner:
         worker = self._find(bot_id)
         if worker is None:
             return self.status(bot_id)
+        if worker.starting:  # start() still owns the actor and ends it; a bot already starting in it is told now
+            worker.stop_requested = True
+            self._end(worker, "stopped")
+            if worker.actor is not None and worker.pid is not None:
+                worker.actor.stop.remote(timeout)
+            return worker.last
         if worker.gone or worker.actor is None:
             self._end(worker, "stopped")
             return worker.last
@@ -334,7 +349,7 @@ class WorkerBotRunner:
 
         asked = {}
         for w in workers:
-            if w.alive and not w.gone and w.actor is not None and w.pid is not None:
+            if w.alive and not w.gone and not w.starting:  # a starting bot shows "starting" until start() returns
                 asked[w.actor.report.remote()] = w
         if not asked:
             return
