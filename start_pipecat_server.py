@@ -270,6 +270,8 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
     runner = make_bot_runner(models, service, backend=args.backend)
     try:
         status = runner.start(avatar, transport, live)
+        if status.worker_pid:
+            logger.info("The bot runs in its own worker process (Ray), pid {}", status.worker_pid)
         if status.url:
             logger.info("Local page: {}  (open it in a browser, allow the microphone; Ctrl-C stops)", status.url)
             if transport.host not in LOOPBACK_HOSTS:
@@ -304,6 +306,7 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
     except KeyboardInterrupt:
         logger.info("Stopping")
         final = runner.stop(timeout=15)
+        runner.join_closing(15)  # a bot worker process ends once its teardown is done
         service.close()
         if final.last_error:
             logger.warning("While stopping: {}", final.last_error)

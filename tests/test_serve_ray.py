@@ -338,7 +338,8 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
         late = runner.bots()[-1]
         assert runner.stop(late.bot_id).state == "stopped"
         thread.join(120)
-        assert starts and starts[0].state == "stopped" and not runner.running, (starts, runner.bots())
+        assert starts and starts[0].state == "stopped", (starts, runner.bots())
+        assert runner.running_ids() == [survivor.bot_id], runner.bots()
     finally:
         runner.stop_all(timeout=10)
         assert runner.join_closing(60)
@@ -387,3 +388,45 @@ def test_the_panel_drives_bot_workers_on_the_ray_backend(ray_client, avatar_stor
     finally:
         code = server.stop()
     assert code == 0, server.log.read_text()[-3000:]
+
+
+@needs_ray
+def test_start_pipecat_server_runs_its_bot_in_a_worker_process(ray_client, avatar_store, prepared_avatar,
+                                                               tiny_models_dir, tmp_path):  # fmt: skip
+    """start_pipecat_server.py --backend ray on a machine with a cluster: the bot is a worker process, its page
+    answers, Ctrl-C stops it cleanly and the worker process ends."""
+    import subprocess
+    import sys
+
+    import httpx
+    from test_start_server import SCRIPT, LineReader, write_config
+
+    config = write_config(tmp_path / "realtime.yaml", prepared_avatar.name, preparation=False)
+    env = {**os.environ, "MUSETALK_MODELS_DIR": str(tiny_models_dir), "MUSETALK_AVATARS_DIR": str(avatar_store.root),
+           "MUSETALK_DEVICE": "cpu"}  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, str(SCRIPT), "--local", "--port", "0", "--config", str(config), "--skip-checks",
+         "--backend", "ray"],
+        cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+    reader = LineReader(proc.stderr)
+    try:
+        worker = reader.wait_for(r"its own worker process \(Ray\), pid (\d+)", timeout=180)
+        assert worker, f"no worker process announced; output:\n{reader.rest(1)}"
+        found = reader.wait_for(r"Local page: (http://127\.0\.0\.1:\d+/)", timeout=10)
+        assert found, f"no local page announced; output:\n{reader.rest(1)}"
+        pid = int(worker.group(1))
+        assert pid != proc.pid and pid_alive(pid)
+        status = httpx.get(found.group(1) + "api/status", timeout=10).json()
+        assert status["state"] == "running" and status["avatar"] == prepared_avatar.name
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=60) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    output = reader.rest()
+    assert "Stopped cleanly" in output and "Traceback" not in output, output[-3000:]
+    from test_bot_runner import wait_until
+
+    assert wait_until(lambda: not pid_alive(pid), 20)
