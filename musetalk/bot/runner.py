@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 from loguru import logger
 
@@ -34,6 +34,12 @@ __all__ = ["STATES", "STOP_GRACE_S", "BotRunner", "BotStatus", "daily_error_mess
 
 STOP_GRACE_S = 1.0  # how long stop() waits before it answers "stopped" and lets teardown finish behind it
 _KEEP_ENDED = 8  # ended bots kept for their final status and error
+_Bot = TypeVar("_Bot", bound="_HasAlive")
+
+
+class _HasAlive(Protocol):
+    @property
+    def alive(self) -> bool: ...
 
 
 class BotRunner:
@@ -136,19 +142,10 @@ class BotRunner:
         return status
 
     def _refuse_past_limit(self) -> None:
-        alive = [r for r in self._runs.values() if r.alive]
-        if len(alive) < self._max_bots:
-            return
-        if self._max_bots == 1:
-            current = alive[0]
-            raise MuseTalkError(f"The bot is already {current.state} (avatar {current.avatar_name}); stop it first.")
-        raise MuseTalkError(
-            f"{len(alive)} bots are running, the most this runner starts ({self._max_bots}); stop one first."
-        )
+        refuse_past_limit([(r.state, r.avatar_name) for r in self._runs.values() if r.alive], self._max_bots)
 
     def _forget_old_runs(self) -> None:
-        ended = [bot_id for bot_id, r in self._runs.items() if not r.alive]
-        for bot_id in ended[: max(0, len(ended) - _KEEP_ENDED)]:
+        for bot_id in ended_to_forget({bot_id: r.alive for bot_id, r in self._runs.items()}):
             del self._runs[bot_id]
 
     def stop(self, bot_id: str | None = None, timeout: float = STOP_GRACE_S) -> BotStatus:
@@ -206,18 +203,13 @@ class BotRunner:
     # ---------------------------------------------------------------- status
     def _find(self, bot_id: str | None) -> BotRun | None:
         with self._lock:
-            if bot_id is None:  # the newest running bot, else the newest one
-                runs = list(self._runs.values())
-                return next((r for r in reversed(runs) if r.alive), runs[-1] if runs else None)
-            return self._runs.get(bot_id)
+            return pick_bot(self._runs, bot_id)
 
     def status(self, bot_id: str | None = None) -> BotStatus:
         """One bot's status (the newest running one when `bot_id` is None); "stopped" when there is none."""
         run = self._find(bot_id)
         if run is None:
-            if bot_id is not None:
-                raise ConfigError(f"No bot {bot_id!r} (running bots: {', '.join(self.running_ids()) or 'none'}).")
-            return BotStatus()
+            return no_such_bot(bot_id, self.running_ids())
         return run.snapshot(run.stats() if run.alive else None)  # live figures only while it runs
 
     def bots(self) -> list[BotStatus]:
@@ -247,5 +239,40 @@ class BotRunner:
         if not runs:
             return None
         run = runs[0]
-        where = run.url or run.settings.room_url or run.settings.kind
-        return f"the {run.settings.kind} bot {run.bot_id} ({run.state}, {where}) is using avatar {name!r}"
+        return in_use_sentence(run.settings, run.bot_id, run.state, run.url, name)
+
+
+def pick_bot(bots: dict[str, _Bot], bot_id: str | None) -> _Bot | None:
+    """The bot `bot_id`, or with None the newest running bot, else the newest one."""
+    if bot_id is not None:
+        return bots.get(bot_id)
+    entries = list(bots.values())
+    return next((b for b in reversed(entries) if b.alive), entries[-1] if entries else None)
+
+
+def no_such_bot(bot_id: str | None, running_ids: list[str]) -> BotStatus:
+    """The status where no bot is: "stopped" when none was asked for by id, else a readable error."""
+    if bot_id is not None:
+        raise ConfigError(f"No bot {bot_id!r} (running bots: {', '.join(running_ids) or 'none'}).")
+    return BotStatus()
+
+
+def refuse_past_limit(alive: list[tuple[str, str | None]], max_bots: int) -> None:
+    """Refuse another start when `alive` ((state, avatar) of each live bot) already fills `max_bots`."""
+    if len(alive) < max_bots:
+        return
+    if max_bots == 1:
+        state, avatar = alive[0]
+        raise MuseTalkError(f"The bot is already {state} (avatar {avatar}); stop it first.")
+    raise MuseTalkError(f"{len(alive)} bots are running, the most this runner starts ({max_bots}); stop one first.")
+
+
+def ended_to_forget(alive_by_id: dict[str, bool]) -> list[str]:
+    """Ids of ended bots past the last `_KEEP_ENDED` (oldest first): their status is no longer listed."""
+    ended = [bot_id for bot_id, alive in alive_by_id.items() if not alive]
+    return ended[: max(0, len(ended) - _KEEP_ENDED)]
+
+
+def in_use_sentence(settings: TransportSettings, bot_id: str, state: str, url: str | None, name: str) -> str:
+    where = url or settings.room_url or settings.kind
+    return f"the {settings.kind} bot {bot_id} ({state}, {where}) is using avatar {name!r}"

@@ -28,7 +28,15 @@ from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore
 from musetalk.bot.run import BotStatus
-from musetalk.bot.runner import STOP_GRACE_S, BotRunner
+from musetalk.bot.runner import (
+    STOP_GRACE_S,
+    BotRunner,
+    ended_to_forget,
+    in_use_sentence,
+    no_such_bot,
+    pick_bot,
+    refuse_past_limit,
+)
 from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError, MuseTalkError
 
@@ -41,7 +49,6 @@ __all__ = ["BotWorker", "WorkerBotRunner", "make_bot_runner", "uses_bot_workers"
 STATUS_TIMEOUT_S = 2.0  # a worker that does not answer a status call within this is reported as not answering
 CLOSE_TIMEOUT_S = 40.0  # a stopped worker's teardown (a Daily join settling) before its process is ended
 _ALIVE = ("starting", "running", "stopping")
-_KEEP_ENDED = 8
 
 
 def uses_bot_workers(backend: str) -> bool:
@@ -223,19 +230,10 @@ class WorkerBotRunner:
                          room_url=settings.room_url)  # fmt: skip
 
     def _refuse_past_limit(self) -> None:
-        alive = [w for w in self._workers.values() if w.alive]
-        if len(alive) < self._max_bots:
-            return
-        if self._max_bots == 1:
-            current = alive[0]
-            raise MuseTalkError(f"The bot is already {current.last.state} (avatar {current.last.avatar}); stop it first.")
-        raise MuseTalkError(
-            f"{len(alive)} bots are running, the most this runner starts ({self._max_bots}); stop one first."
-        )
+        refuse_past_limit([(w.last.state, w.last.avatar) for w in self._workers.values() if w.alive], self._max_bots)
 
     def _forget_old_workers(self) -> None:
-        ended = [bot_id for bot_id, w in self._workers.items() if not w.alive]
-        for bot_id in ended[: max(0, len(ended) - _KEEP_ENDED)]:
+        for bot_id in ended_to_forget({bot_id: w.alive for bot_id, w in self._workers.items()}):
             del self._workers[bot_id]
 
     def stop(self, bot_id: str | None = None, timeout: float = STOP_GRACE_S) -> BotStatus:
@@ -303,18 +301,13 @@ class WorkerBotRunner:
     # ---------------------------------------------------------------- status
     def _find(self, bot_id: str | None) -> _Worker | None:
         with self._lock:
-            if bot_id is None:
-                workers = list(self._workers.values())
-                return next((w for w in reversed(workers) if w.alive), workers[-1] if workers else None)
-            return self._workers.get(bot_id)
+            return pick_bot(self._workers, bot_id)
 
     def status(self, bot_id: str | None = None) -> BotStatus:
         """One bot's status (the newest running one when `bot_id` is None); "stopped" when there is none."""
         worker = self._find(bot_id)
         if worker is None:
-            if bot_id is not None:
-                raise ConfigError(f"No bot {bot_id!r} (running bots: {', '.join(self.running_ids()) or 'none'}).")
-            return BotStatus()
+            return no_such_bot(bot_id, self.running_ids())
         self._refresh([worker])
         return worker.last
 
@@ -340,8 +333,7 @@ class WorkerBotRunner:
         if not workers:
             return None
         w = workers[0]
-        where = w.last.url or w.settings.room_url or w.settings.kind
-        return f"the {w.settings.kind} bot {w.bot_id} ({w.last.state}, {where}) is using avatar {name!r}"
+        return in_use_sentence(w.settings, w.bot_id, w.last.state, w.last.url, name)
 
     def _refresh(self, workers: list[_Worker]) -> None:
         """Ask every live worker for its status at once; a dead one becomes "error" with what happened."""
