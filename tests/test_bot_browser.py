@@ -412,8 +412,16 @@ def analyse(data, stats, bot_status, rx_fps_on_page, avatar, box, video_size, cy
     # Speech: the mouth region changes while the upper face still follows the loop.
     assert len(mic_onsets) >= 1, "the fake microphone's speech was not heard in the page"
     assert speaking.sum() >= 10, "the bot's voice (mirror mode) was not heard in the browser"
-    # (On this CPU only part of the speech frames are generated in time; the rest are shown idle.)
-    assert moving[speaking].sum() >= 5 and moving[speaking].mean() > 0.1, "the mouth hardly moved while the bot spoke"
+    # On this CPU only part of the speech frames can be generated in time (the device makes about
+    # 1000 / model_ms_per_frame of the 25 frames a second); the rest are shown idle. Of the part the
+    # device can make, at least 40 % must show a moving mouth (some generated frames are pauses).
+    cost_ms = bot_status.get("model_ms_per_frame")
+    assert cost_ms, f"the bot reports no per-frame cost: {bot_status}"
+    can_generate = min(1.0, 1000.0 / cost_ms / 25.0)
+    assert moving[speaking].sum() >= 5 and moving[speaking].mean() > 0.4 * can_generate, (
+        f"the mouth hardly moved while the bot spoke: {moving[speaking].mean():.0%} of the speech frames, where the "
+        f"device generates {can_generate:.0%} of them"
+    )
     assert mouth_latencies, "no moving mouth after a speech onset"
 
 

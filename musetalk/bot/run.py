@@ -64,6 +64,7 @@ class BotStatus:
     viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
     room_url: str | None = None  # the Daily room (no token)
     worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
+    model_ms_per_frame: float | None = None  # what one generated frame costs the device (slowest session)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,6 +79,7 @@ class _CombinedStats:
     mouth_latency_ms: float | None
     realtime: bool | None
     warning: str | None
+    model_ms_per_frame: float | None = None
 
 
 def combine_stats(stats: list[Any]) -> _CombinedStats | None:
@@ -87,12 +89,14 @@ def combine_stats(stats: list[Any]) -> _CombinedStats | None:
     latency = [s.mouth_latency_ms for s in stats if getattr(s, "mouth_latency_ms", None) is not None]
     realtime = [s.realtime for s in stats if getattr(s, "realtime", None) is not None]
     warning = next((s.warning for s in stats if getattr(s, "warning", None)), None)
+    cost = [s.model_ms_per_frame for s in stats if getattr(s, "model_ms_per_frame", None) is not None]
     return _CombinedStats(
         fps=round(sum(fps) / len(fps), 2) if fps else None,
         frames=sum(int(getattr(s, "frames", 0) or 0) for s in stats),
         mouth_latency_ms=max(latency) if latency else None,
         realtime=all(realtime) if realtime else None,
         warning=warning,
+        model_ms_per_frame=round(max(cost), 1) if cost else None,
     )
 
 
@@ -251,6 +255,7 @@ class BotRun:
                 frames=int(getattr(stats, "frames", 0) or 0),
                 mouth_latency_ms=getattr(stats, "mouth_latency_ms", None),
                 realtime=getattr(stats, "realtime", None),
+                model_ms_per_frame=getattr(stats, "model_ms_per_frame", None),
                 warning=warning,
                 last_error=self.error,
                 bot_id=self.bot_id,

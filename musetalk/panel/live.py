@@ -156,7 +156,7 @@ class LiveActions:
         return json_ready(dataclasses.asdict(stats)) if stats is not None else None
 
     def bot_status(self) -> dict:
-        """The newest running bot's status: bot_id, state, avatar, transport, url, mode, viewers, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, warning, last_error.
+        """The newest running bot's status: bot_id, state, avatar, transport, url, mode, viewers, viewer_connected, uptime_s, fps, frames, mouth_latency_ms, realtime, model_ms_per_frame, warning, last_error, worker_pid (its own process on the Ray backend).
 
         Returns:
             the status (JSON)
