@@ -294,7 +294,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
 
         victim, survivor = bots
         os.kill(victim.worker_pid, signal.SIGKILL)
+        killed_at = time.monotonic()
         assert wait_until(lambda: runner.status(victim.bot_id).state == "error", 15), runner.status(victim.bot_id)
+        print(f"\nbot worker killed with kill -9: its status said so after {time.monotonic() - killed_at:.2f} s")
         dead = runner.status(victim.bot_id)
         assert f"pid {victim.worker_pid}" in dead.last_error and "died" in dead.last_error, dead
         assert dead.viewers == 0 and runner.running_ids() == [survivor.bot_id]
