@@ -180,8 +180,9 @@ class WorkerBotRunner:
         live = live_settings if live_settings is not None else LiveSettings()
         name = avatar if isinstance(avatar, str) else avatar.name
         # The worker loads the avatar itself, by name, from the same store on this node.
-        store_root = avatar_store.root if avatar_store is not None else Path(avatars_dir_from_env())
-        if not AvatarStore(store_root).exists(name):
+        store = avatar_store if avatar_store is not None else AvatarStore(avatars_dir_from_env())
+        store_root = store.root
+        if not store.exists(name):
             raise MuseTalkError(f"Avatar {name!r} is not in {store_root}; prepare it first (Avatars tab).")
         with self._lock:
             self._refuse_past_limit()
