@@ -19,7 +19,9 @@ frames into session calls and the session's output into image + audio frames:
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +73,20 @@ __all__ = ["DEFAULT_CONFIG", "LiveSettings", "LiveStats", "MuseTalkProcessor", "
 
 DEFAULT_CONFIG = Path("configs/inference/realtime.yaml")
 _NO_STATS = LiveStats(0.0, 0, 0, 0, 0, None, None, True, None)
+# A TTS that sends no TTSStoppedFrame: its utterance ends after this long without audio (the tail
+# frames, held back for their whisper look-ahead, are released then).
+UTTERANCE_GAP_S = 0.5
+
+
+@dataclasses.dataclass
+class _Utterance:
+    """The TTS utterance being lip-synced, and how soon its mouth moved."""
+
+    open: bool = False
+    context_id: str | None = None
+    last_audio_at: float = 0.0
+    first_audio_at: float | None = None  # waiting for its first moving-mouth frame
+    first_mouth_s: deque = dataclasses.field(default_factory=lambda: deque(maxlen=50))
 
 
 class MuseTalkProcessor(FrameProcessor):
@@ -109,6 +125,7 @@ class MuseTalkProcessor(FrameProcessor):
         self._resampler = create_stream_resampler()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
+        self._utterance = _Utterance()
 
     # ------------------------------------------------------------------ seed API
     async def initialize_models(self) -> None:
@@ -188,7 +205,20 @@ class MuseTalkProcessor(FrameProcessor):
         return self._service
 
     def stats(self) -> LiveStats:
-        return self._session.stats() if self._session is not None else _NO_STATS
+        stats = self._session.stats() if self._session is not None else _NO_STATS
+        stats = dataclasses.replace(stats, speaking=self.speaking)
+        waits = sorted(self._utterance.first_mouth_s)
+        if not waits:
+            return stats
+        p95 = waits[min(len(waits) - 1, int(round(0.95 * (len(waits) - 1))))]
+        return dataclasses.replace(
+            stats, first_mouth_ms=round(self._utterance.first_mouth_s[-1] * 1000, 1), first_mouth_p95_ms=round(p95 * 1000, 1)
+        )
+
+    @property
+    def speaking(self) -> bool:
+        """TTS audio is being lip-synced or waits to be shown."""
+        return self._utterance.open or bool(self._session is not None and self._joined and self._session.pending_speech)
 
     # ------------------------------------------------------------------ pipecat plumbing
     async def process_frame(self, frame: Frame, direction: FrameDirection):
@@ -207,12 +237,10 @@ class MuseTalkProcessor(FrameProcessor):
         elif isinstance(frame, InterruptionFrame):
             self._interrupt()
             await self.push_frame(frame, direction)
-        elif isinstance(frame, TTSAudioRawFrame) and self._settings.mode == "speech":
+        elif isinstance(frame, TTSAudioRawFrame) and self._settings.lip_syncs_tts:
             await self._on_tts_audio(frame)
-        elif isinstance(frame, TTSStoppedFrame) and self._settings.mode == "speech":
-            if session is not None:
-                session.end_utterance()
-                self._wakeup.set()
+        elif isinstance(frame, TTSStoppedFrame) and self._settings.lip_syncs_tts:
+            self._end_utterance()
             await self.push_frame(frame, direction)
         elif isinstance(frame, InputAudioRawFrame) and self._settings.mode == "mirror":
             if session is not None:
@@ -295,15 +323,23 @@ class MuseTalkProcessor(FrameProcessor):
         if self._joined and self._session is not None:
             self._session.interrupt()
             self._service.cancel(self._session_id)
+        self._utterance.open = False
+        self._utterance.first_audio_at = None
         self._wakeup.set()
+
+    def _end_utterance(self) -> None:
+        """The TTS finished an utterance: release its tail frames; the next starts a new one."""
+        if self._utterance.open and self._joined and self._session is not None:
+            self._session.end_utterance()
+            self._wakeup.set()
+        self._utterance.open = False
 
     async def _drain(self) -> None:
         session = self._session if self._joined else None
         if session is None:
             return
-        if self._settings.mode == "speech":
-            session.end_utterance()
-            self._wakeup.set()
+        if self._settings.lip_syncs_tts:
+            self._end_utterance()
         while session.pending and self._emitter_task is not None:
             if time.monotonic() > (session.last_due or 0.0) + 1.0:
                 break
@@ -329,9 +365,19 @@ class MuseTalkProcessor(FrameProcessor):
         else:
             original = frame.audio
         pcm = await self._mono16k(original, frame.sample_rate, 1)
-        if self._joined and self._session is not None:
-            self._session.push_audio(pcm, original=original, rate=frame.sample_rate, context_id=frame.context_id)
-            self._wakeup.set()
+        if not (self._joined and self._session is not None):
+            return
+        utterance = self._utterance
+        if utterance.open and frame.context_id != utterance.context_id:
+            self._end_utterance()  # a new TTS context: the previous one ended without a TTSStoppedFrame
+        now = time.monotonic()
+        if not utterance.open:
+            # An earlier utterance whose frames were all late (shown idle) never got a mouth: it is not counted.
+            utterance.open, utterance.context_id, utterance.first_audio_at = True, frame.context_id, now
+            await self.start_ttfb_metrics()
+        utterance.last_audio_at = now
+        self._session.push_audio(pcm, original=original, rate=frame.sample_rate, context_id=frame.context_id)
+        self._wakeup.set()
 
     async def _mono16k(self, audio: bytes, rate: int, channels: int) -> np.ndarray:
         samples = np.frombuffer(audio, dtype=np.int16)
@@ -346,9 +392,13 @@ class MuseTalkProcessor(FrameProcessor):
         session = self._session
         while True:
             self._wakeup.clear()
+            if self._utterance.open and time.monotonic() - self._utterance.last_audio_at > UTTERANCE_GAP_S:
+                self._end_utterance()
             for out in session.pop_due():
                 await self._emit(out)
             timeout = session.next_deadline() - time.monotonic()
+            if self._utterance.open:
+                timeout = min(timeout, self._utterance.last_audio_at + UTTERANCE_GAP_S - time.monotonic())
             if timeout <= 0:
                 continue
             try:
@@ -362,8 +412,12 @@ class MuseTalkProcessor(FrameProcessor):
             await self.push_frame(frame)
             return
         frame.sync_with_audio = True  # shown when its audio starts playing: sync by construction
+        if out.generated and self._utterance.first_audio_at is not None:
+            self._utterance.first_mouth_s.append(time.monotonic() - self._utterance.first_audio_at)
+            self._utterance.first_audio_at = None
+            await self.stop_ttfb_metrics()
         await self.push_frame(frame)
-        if self._settings.mode == "speech":
+        if self._settings.lip_syncs_tts:
             await self.push_frame(TTSAudioRawFrame(out.audio, out.audio_rate, 1, context_id=out.context_id))
         else:
             await self.push_frame(OutputAudioRawFrame(out.audio, out.audio_rate, 1))

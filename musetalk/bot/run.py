@@ -19,19 +19,23 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import statistics
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore, validate_name
+from musetalk.bot.transcript import Transcript, TranscriptObserver
 from musetalk.bot.transports import LocalWebRTCServer, TransportSettings, make_daily_transport, make_local_transport
 from musetalk.config import AUDIO_SAMPLE_RATE
-from musetalk.errors import CapacityError, MuseTalkError
+from musetalk.errors import CapacityError, ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
+    from musetalk.bot.agent import SpeechSetup
     from musetalk.bot.processor import LiveSettings, MuseTalkProcessor
     from musetalk.live.service import GenerationService
     from musetalk.models import Models
@@ -41,6 +45,8 @@ _SESSION_END_TIMEOUT_S = 5.0
 _STATS_TIMEOUT_S = 0.5
 _DAILY_JOIN_SETTLE_S = 30.0  # a stopped bot still waits this long for its join to succeed or fail
 _DAILY_SESSION = "daily"
+_SAY_TIMEOUT_S = 2.0
+STATUS_TURNS = 30  # transcript turns in a status (the newest)
 
 
 @dataclass(frozen=True)
@@ -65,6 +71,14 @@ class BotStatus:
     room_url: str | None = None  # the Daily room (no token)
     worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
     model_ms_per_frame: float | None = None  # what one generated frame costs the device (slowest session)
+    # say / conversation modes
+    speaking: bool = False  # TTS audio is being lip-synced now
+    first_mouth_ms: float | None = None  # first TTS audio in -> first moving-mouth frame out (last utterance)
+    first_mouth_p95_ms: float | None = None
+    turn_latency_ms: float | None = None  # conversation: end of the user's speech -> first avatar audio (last reply)
+    turn_latency_p50_ms: float | None = None
+    transcript: tuple[dict, ...] = ()  # the newest turns: role user|avatar|error, text, at_s, interrupted, latency_ms
+    speech_config: dict | None = None  # the services it speaks with (no keys)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +94,9 @@ class _CombinedStats:
     realtime: bool | None
     warning: str | None
     model_ms_per_frame: float | None = None
+    speaking: bool = False
+    first_mouth_ms: float | None = None
+    first_mouth_p95_ms: float | None = None
 
 
 def combine_stats(stats: list[Any]) -> _CombinedStats | None:
@@ -90,6 +107,7 @@ def combine_stats(stats: list[Any]) -> _CombinedStats | None:
     realtime = [s.realtime for s in stats if getattr(s, "realtime", None) is not None]
     warning = next((s.warning for s in stats if getattr(s, "warning", None)), None)
     cost = [s.model_ms_per_frame for s in stats if getattr(s, "model_ms_per_frame", None) is not None]
+    mouth = [s for s in stats if getattr(s, "first_mouth_ms", None) is not None]
     return _CombinedStats(
         fps=round(sum(fps) / len(fps), 2) if fps else None,
         frames=sum(int(getattr(s, "frames", 0) or 0) for s in stats),
@@ -97,6 +115,9 @@ def combine_stats(stats: list[Any]) -> _CombinedStats | None:
         realtime=all(realtime) if realtime else None,
         warning=warning,
         model_ms_per_frame=round(max(cost), 1) if cost else None,
+        speaking=any(getattr(s, "speaking", False) for s in stats),
+        first_mouth_ms=max(s.first_mouth_ms for s in mouth) if mouth else None,
+        first_mouth_p95_ms=max(s.first_mouth_p95_ms or s.first_mouth_ms for s in mouth) if mouth else None,
     )
 
 
@@ -134,8 +155,11 @@ class BotRun:
         bot_id: str,
         service: GenerationService | None = None,
         avatar_store: AvatarStore | None = None,
+        speech: SpeechSetup | None = None,
     ) -> None:
         self.models = models
+        self.speech = speech
+        self.transcript = Transcript()
         self.settings = settings
         self.live = live
         self.bot_id = bot_id
@@ -181,8 +205,12 @@ class BotRun:
         return {self.avatar_name, *self._viewer_avatars} - {None}
 
     def scrub(self, text: str) -> str:
-        token = self.settings.token
-        return text.replace(token, "***") if token else text
+        """Secrets (the Daily token, the speech services' keys) never reach a status or a log."""
+        secrets = [self.settings.token] + (self.speech.secrets() if self.speech is not None else [])
+        for secret in secrets:
+            if secret:
+                text = text.replace(secret, "***")
+        return text
 
     def fail(self, message: str) -> None:
         """Record the first error and end the run (callable from any thread).
@@ -261,7 +289,23 @@ class BotRun:
                 bot_id=self.bot_id,
                 viewers=viewers,
                 room_url=self.settings.room_url,
+                speaking=bool(getattr(stats, "speaking", False)) and alive,
+                first_mouth_ms=getattr(stats, "first_mouth_ms", None),
+                first_mouth_p95_ms=getattr(stats, "first_mouth_p95_ms", None),
+                **self._conversation_figures(),
             )
+
+    def _conversation_figures(self) -> dict[str, Any]:
+        if not self.live.lip_syncs_tts:
+            return {}
+        turns = self.transcript.turns()
+        latencies = self.transcript.latencies_ms()
+        return {
+            "transcript": tuple({**t, "text": self.scrub(t["text"])} for t in turns[-STATUS_TURNS:]),
+            "turn_latency_ms": latencies[-1] if latencies else None,
+            "turn_latency_p50_ms": round(statistics.median(latencies), 1) if latencies else None,
+            "speech_config": self.speech.config.describe() if self.speech is not None else None,
+        }
 
     def stats(self) -> Any:
         """The sessions' stats combined (read inside the loop), or the last ones seen."""
@@ -421,16 +465,16 @@ class BotRun:
         from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
         from pipecat.workers.runner import WorkerRunner
 
-        from musetalk.bot.pipeline import build_pipeline
-
+        viewer = key if connection is not None else None
         worker = PipelineWorker(
-            build_pipeline(transport, processor),
+            self._pipeline_for(transport, processor),
             # The room's audio comes in at 16 kHz; the output rate is the transport's (16 kHz in mirror
             # mode), or the pipeline default where the transport leaves it open (a TTS's rate in speech mode).
-            params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE),
+            params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE, enable_metrics=self.live.lip_syncs_tts),
             idle_timeout_secs=None,
             enable_rtvi=False,
             processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
+            observers=[TranscriptObserver(self.transcript, viewer)] if self.live.lip_syncs_tts else [],
         )
         session = _Session(key=key, processor=processor, worker=worker, runner=None, connection=connection)
         session.viewer = connection is not None
@@ -457,6 +501,55 @@ class BotRun:
         session.task = asyncio.create_task(self._run_session(session), name=f"musetalk-pipeline-{key}")
         self.sessions[key] = session
         return session
+
+    def _pipeline_for(self, transport: Any, processor: MuseTalkProcessor) -> Any:
+        """Mirror: the room's voice; say: the operator's text through the TTS; conversation: STT -> LLM -> TTS."""
+        from musetalk.bot.pipeline import build_pipeline
+
+        mode = self.live.mode
+        if mode == "mirror":
+            return build_pipeline(transport, processor)
+        from musetalk.bot.agent import build_conversation_pipeline, build_say_pipeline, build_services
+
+        if self.speech is None:
+            raise ConfigError(f"Mode {mode} needs a bot config (its TTS, and for a conversation its STT and LLM).")
+        services = build_services(self.speech, "conversation" if mode == "conversation" else "say")
+        if mode == "conversation":
+            return build_conversation_pipeline(transport, processor, services, self.speech.config)
+        return build_say_pipeline(transport, processor, services)
+
+    # ---------------------------------------------------------------- speaking (any thread)
+    def say(self, text: str) -> int:
+        """Queue `text` in every session of this bot (behind what is being said); returns how many."""
+        return self._to_sessions(lambda session: _queue_say(session, text), "say something")
+
+    def interrupt(self) -> int:
+        """Stop the speech now in every session (queued text, audio and frames are dropped; the bot runs on)."""
+        return self._to_sessions(_queue_interruption, "interrupt")
+
+    def _to_sessions(self, action: Callable[[_Session], Any], what: str) -> int:
+        if not self.live.lip_syncs_tts:
+            raise ConfigError(
+                f"Bot {self.bot_id} runs in {self.live.mode} mode, which lip-syncs the room's voice: start it in say "
+                f"or conversation mode to {what}."
+            )
+        loop = self.loop
+        with self._lock:
+            running = self.state == "running"
+        if not running or loop is None or loop.is_closed():
+            raise MuseTalkError(f"Bot {self.bot_id} is not running.")
+
+        async def each() -> int:
+            sessions = list(self.sessions.values())
+            for session in sessions:
+                await action(session)
+            return len(sessions)
+
+        count = asyncio.run_coroutine_threadsafe(each(), loop).result(_SAY_TIMEOUT_S)
+        if count == 0:
+            where = f" ({self.url})" if self.url else ""
+            raise MuseTalkError(f"Nobody is watching bot {self.bot_id} yet: open its page{where}, then try again.")
+        return count
 
     async def _run_session(self, session: _Session) -> None:
         try:
@@ -598,6 +691,20 @@ def daily_error_message(room_url: str, error: str) -> str:
     raw = " ".join(error.split())
     raw = raw if len(raw) <= 300 else raw[:297] + "..."
     return f"Daily: could not use the room {room_url}: {hint}. (Daily said: {raw})"
+
+
+async def _queue_say(session: _Session, text: str) -> None:
+    from pipecat.frames.frames import TTSSpeakFrame
+
+    await session.worker.queue_frame(TTSSpeakFrame(text))
+
+
+async def _queue_interruption(session: _Session) -> None:
+    """As Pipecat's own user-turn interruptions do: the worker turns this into an InterruptionFrame at once."""
+    from pipecat.frames.frames import InterruptionWorkerFrame
+    from pipecat.processors.frame_processor import FrameDirection
+
+    await session.worker.queue_frame(InterruptionWorkerFrame(), FrameDirection.UPSTREAM)
 
 
 def _drain_loop(loop: asyncio.AbstractEventLoop) -> None:

@@ -26,6 +26,7 @@ from musetalk.config import avatars_dir_from_env
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
+    from musetalk.bot.agent import SpeechSetup
     from musetalk.bot.processor import LiveSettings
     from musetalk.live.service import GenerationService, ServiceStats
     from musetalk.models import Models
@@ -101,12 +102,16 @@ class BotRunner:
         transport_settings: TransportSettings,
         live_settings: LiveSettings | None = None,
         avatar_store: AvatarStore | None = None,
+        speech: SpeechSetup | None = None,
     ) -> BotStatus:
+        """Start a bot. Say and conversation modes need `speech` (the bot config and where its keys come
+        from); their services are asked once first, so a wrong address fails the start with a sentence."""
         from musetalk.bot.processor import LiveSettings
 
         if not isinstance(transport_settings, TransportSettings):
             raise ConfigError("transport_settings must be a TransportSettings.")
         live_settings = live_settings if live_settings is not None else LiveSettings()
+        check_speech(live_settings, speech)
         if not isinstance(avatar, (str, Avatar)):
             raise ConfigError("avatar must be an avatar name or a loaded Avatar.")
         name = avatar if isinstance(avatar, str) else avatar.name
@@ -117,7 +122,7 @@ class BotRunner:
             bot_id = f"bot-{next(self._ids)}"
             run = BotRun(
                 self._models, transport_settings, live_settings, name, bot_id=bot_id, service=service,
-                avatar_store=store,
+                avatar_store=store, speech=speech,
             )  # fmt: skip
             self._runs[bot_id] = run
             self._forget_old_runs()
@@ -200,6 +205,31 @@ class BotRunner:
         for run in pages:
             run.thread.join(timeout)
 
+    # ---------------------------------------------------------------- speaking
+    def say(self, bot_id: str | None, text: str) -> BotStatus:
+        """Queue `text` for the bot to speak (behind what it is saying) and return at once."""
+        from musetalk.bot.agent_config import check_say_text
+
+        text = check_say_text(text)
+        run = self._running(bot_id)
+        run.say(text)
+        logger.info("Bot {}: say ({} characters)", run.bot_id, len(text))
+        return run.snapshot(run.stats())
+
+    def interrupt(self, bot_id: str | None = None) -> BotStatus:
+        """Stop the bot's speech now (queued text too); it keeps running and can speak again."""
+        run = self._running(bot_id)
+        run.interrupt()
+        logger.info("Bot {}: interrupted", run.bot_id)
+        return run.snapshot(run.stats())
+
+    def _running(self, bot_id: str | None) -> BotRun:
+        run = self._find(bot_id)
+        if run is None:
+            no_such_bot(bot_id, self.running_ids())
+            raise MuseTalkError("No bot is running: start one in say or conversation mode first.")
+        return run
+
     # ---------------------------------------------------------------- status
     def _find(self, bot_id: str | None) -> BotRun | None:
         with self._lock:
@@ -240,6 +270,20 @@ class BotRunner:
             return None
         run = runs[0]
         return in_use_sentence(run.settings, run.bot_id, run.state, run.url, name)
+
+
+def check_speech(live: LiveSettings, speech: SpeechSetup | None) -> None:
+    """Say and conversation bots: the bot config is there and its services answer (before anything starts)."""
+    if live.mode not in ("say", "conversation", "speech"):
+        return
+    if speech is None:
+        raise ConfigError(
+            f"Mode {live.mode} needs a bot config (--bot-config, default configs/bot/conversation.yaml): "
+            "its TTS, and for a conversation its STT and LLM."
+        )
+    from musetalk.bot.agent import check_services
+
+    check_services(speech, "conversation" if live.mode == "conversation" else "say")
 
 
 def pick_bot(bots: dict[str, _Bot], bot_id: str | None) -> _Bot | None:

@@ -38,13 +38,16 @@ from musetalk.errors import ConfigError
 from musetalk.live.requests import FrameItem, FrameRequest, FrameResult
 
 FRAME_SECONDS = 1.0 / VIDEO_FPS
+LIVE_MODES = ("mirror", "say", "conversation", "speech")
 
 
 @dataclass(frozen=True)
 class LiveSettings:
     """How a live session behaves; passed in by the runner, the CLI or the panel."""
 
-    mode: str = "mirror"  # mirror: lip-sync the room's audio; speech: lip-sync TTS audio
+    # mirror: lip-sync the room's audio; say: speak the operator's text with TTS; conversation:
+    # STT -> LLM -> TTS; speech: lip-sync TTS audio from a pipeline built in code
+    mode: str = "mirror"
     max_side: int = 720  # output video: the avatar frame scaled so its long side fits (even sizes)
     # How long a frame may wait for the model before it is shown idle (its audio waits with it,
     # so sync holds at any budget; a larger budget lets a slow device show a late moving mouth).
@@ -53,8 +56,8 @@ class LiveSettings:
     vad_hangover_s: float = 0.12  # keep generating this long after VAD says speech stopped
 
     def __post_init__(self) -> None:
-        if self.mode not in ("mirror", "speech"):
-            raise ConfigError(f"mode must be 'mirror' or 'speech', not {self.mode!r}.")
+        if self.mode not in LIVE_MODES:
+            raise ConfigError(f"mode must be one of {', '.join(LIVE_MODES)}, not {self.mode!r}.")
         if self.max_side < 64:
             raise ConfigError("max_side must be at least 64 pixels.")
         if not 0.0 < self.latency_budget_s <= 60.0:
@@ -79,6 +82,11 @@ class LiveSettings:
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @property
+    def lip_syncs_tts(self) -> bool:
+        """The avatar speaks TTS audio (say, conversation, speech), rather than mirroring the room."""
+        return self.mode != "mirror"
+
 
 @dataclass(frozen=True)
 class LiveStats:
@@ -91,6 +99,10 @@ class LiveStats:
     model_ms_per_frame: float | None
     realtime: bool
     warning: str | None
+    # say / conversation: first TTS audio of an utterance in -> its first generated (moving-mouth) frame out
+    first_mouth_ms: float | None = None  # the last utterance
+    first_mouth_p95_ms: float | None = None  # p95 over the recent ones
+    speaking: bool = False  # TTS audio is being lip-synced or waits to be shown
 
 
 @dataclass(frozen=True)
@@ -249,7 +261,7 @@ class LiveSession:
     def _add_entries(self, ready, now: float) -> None:
         if not ready:
             return
-        speech_mode = self.settings.mode == "speech"
+        speech_mode = self.settings.lip_syncs_tts
         speaking = speech_mode or self._vad_speaking or (now - self._vad_stopped_at) < self.settings.vad_hangover_s
         last_due = self._entries[-1].due if self._entries else 0.0
         items: list[FrameItem] = []
@@ -333,6 +345,11 @@ class LiveSession:
     @property
     def pending(self) -> int:
         return len(self._entries)
+
+    @property
+    def pending_speech(self) -> bool:
+        """Speech frames (with their audio) are still waiting to be shown."""
+        return any(entry.speech for entry in self._entries)
 
     @property
     def last_due(self) -> float | None:

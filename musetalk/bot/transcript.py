@@ -1,0 +1,151 @@
+"""What was said in a say or conversation bot: user and avatar turns, interruptions, reply latency.
+
+`TranscriptObserver` is a Pipecat observer: it watches frames pass (it never changes them) and
+writes turns into a `Transcript`, which the panel and API callers read from other threads.
+A reply's latency runs from the end of the user's speech (the VAD's stop minus its stop_secs)
+to the first avatar audio the output transport plays (`BotStartedSpeakingFrame`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from dataclasses import asdict, dataclass
+
+from pipecat.frames.frames import (
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    ErrorFrame,
+    InterruptionFrame,
+    LLMFullResponseStartFrame,
+    TranscriptionFrame,
+    TTSSpeakFrame,
+    TTSTextFrame,
+    VADUserStartedSpeakingFrame,
+    VADUserStoppedSpeakingFrame,
+)
+from pipecat.observers.base_observer import BaseObserver, FramePushed
+
+KEEP_TURNS = 200
+
+
+@dataclass
+class Turn:
+    role: str  # user | avatar | error
+    text: str
+    at_s: float  # seconds since the bot started
+    interrupted: bool = False
+    latency_ms: float | None = None  # avatar turns answering the user: end of user speech -> first avatar audio
+    viewer: str | None = None  # the local viewer whose conversation it is (None: the room)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class Transcript:
+    """Turns of one bot, safe to read from any thread."""
+
+    def __init__(self, clock=time.monotonic) -> None:
+        self._clock = clock
+        self._start = clock()
+        self._lock = threading.Lock()
+        self._turns: deque[Turn] = deque(maxlen=KEEP_TURNS)
+
+    def now_s(self) -> float:
+        return round(self._clock() - self._start, 2)
+
+    def add(self, turn: Turn) -> Turn:
+        with self._lock:
+            self._turns.append(turn)
+        return turn
+
+    def extend_last(self, role: str, viewer: str | None, text: str) -> bool:
+        """Append words to the newest turn when it is `role`'s in this conversation; False otherwise."""
+        with self._lock:
+            last = next((t for t in reversed(self._turns) if t.viewer == viewer and t.role != "error"), None)
+            if last is None or last.role != role or last.interrupted:
+                return False
+            last.text = f"{last.text} {text}".strip() if not text.startswith((" ", ",", ".", "!", "?")) else last.text + text
+            return True
+
+    def update(self, turn: Turn, **changes) -> None:
+        with self._lock:
+            for key, value in changes.items():
+                setattr(turn, key, value)
+
+    def turns(self) -> list[dict]:
+        with self._lock:
+            return [t.to_dict() for t in self._turns]
+
+    def latencies_ms(self) -> list[float]:
+        with self._lock:
+            return [t.latency_ms for t in self._turns if t.latency_ms is not None]
+
+
+class TranscriptObserver(BaseObserver):
+    """Writes one pipeline's turns into a `Transcript` (watch only: frames pass unchanged)."""
+
+    def __init__(self, transcript: Transcript, viewer: str | None = None) -> None:
+        super().__init__()
+        self._transcript = transcript
+        self._viewer = viewer
+        self._user_stopped_at: float | None = None  # end of the user's speech, waiting for the reply's audio
+        self._avatar_turn: Turn | None = None  # the reply being spoken
+        self._avatar_context: str | None = None  # its TTS context (one per say request or LLM reply)
+        self._audio_started_at: float | None = None
+        self._bot_speaking = False
+        self._replying = False  # the LLM started a reply that has not been heard in full yet
+
+    async def on_push_frame(self, data: FramePushed) -> None:
+        frame, now = data.frame, time.monotonic()
+        if isinstance(frame, VADUserStoppedSpeakingFrame):
+            self._user_stopped_at = now - float(getattr(frame, "stop_secs", 0.0) or 0.0)
+            self._avatar_turn = None  # whatever the avatar says next is a new turn
+        elif isinstance(frame, VADUserStartedSpeakingFrame):
+            self._user_stopped_at = None
+        elif isinstance(frame, TranscriptionFrame) and frame.text.strip():
+            if not self._transcript.extend_last("user", self._viewer, frame.text.strip()):
+                self._transcript.add(Turn("user", frame.text.strip(), self._transcript.now_s(), viewer=self._viewer))
+        elif isinstance(frame, LLMFullResponseStartFrame):
+            self._replying, self._avatar_turn = True, None
+        elif isinstance(frame, TTSSpeakFrame):
+            self._replying = True
+        elif isinstance(frame, TTSTextFrame) and frame.text.strip():
+            self._add_avatar_text(frame.text.strip(), getattr(frame, "context_id", None))
+        elif isinstance(frame, BotStartedSpeakingFrame):
+            self._on_avatar_audio(now)
+        elif isinstance(frame, BotStoppedSpeakingFrame):
+            self._bot_speaking = False
+            self._replying = False
+        elif isinstance(frame, InterruptionFrame):
+            self._on_interruption()
+        elif isinstance(frame, ErrorFrame):
+            self._transcript.add(Turn("error", str(frame.error), self._transcript.now_s(), viewer=self._viewer))
+
+    def _add_avatar_text(self, text: str, context_id: str | None) -> None:
+        turn = self._avatar_turn
+        if turn is not None and context_id == self._avatar_context and not turn.interrupted:
+            self._transcript.update(turn, text=f"{turn.text} {text}")
+            return
+        turn = self._transcript.add(Turn("avatar", text, self._transcript.now_s(), viewer=self._viewer))
+        self._avatar_turn, self._avatar_context = turn, context_id
+        if self._bot_speaking and self._audio_started_at is not None:
+            self._take_latency(turn, self._audio_started_at)
+
+    def _on_avatar_audio(self, now: float) -> None:
+        self._bot_speaking, self._audio_started_at = True, now
+        if self._avatar_turn is not None:
+            self._take_latency(self._avatar_turn, now)
+
+    def _take_latency(self, turn: Turn, audio_at: float) -> None:
+        if self._user_stopped_at is not None and turn.latency_ms is None and audio_at >= self._user_stopped_at:
+            self._transcript.update(turn, latency_ms=round((audio_at - self._user_stopped_at) * 1000, 1))
+            self._user_stopped_at = None
+
+    def _on_interruption(self) -> None:
+        if (self._bot_speaking or self._replying) and self._avatar_turn is not None:
+            self._transcript.update(self._avatar_turn, interrupted=True)
+        self._bot_speaking = False
+        self._replying = False
+        self._avatar_turn = None
