@@ -24,6 +24,29 @@ else
   echo "==> Python packages up to date"
 fi
 
+# The built-in voice (tts.service: espeak) speaks with the espeak-ng program (Debian/Ubuntu package).
+if ! command -v espeak-ng >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != 0 ]; then
+    if command -v sudo >/dev/null 2>&1 && sudo -n true 2>/dev/null; then
+      SUDO="sudo -n"
+    elif command -v sudo >/dev/null 2>&1 && [ -t 0 ]; then
+      SUDO="sudo"  # asks for the password on this terminal
+    else
+      SUDO="none"
+    fi
+  fi
+  if [ "$SUDO" = "none" ] || ! command -v apt-get >/dev/null 2>&1; then
+    echo "!! espeak-ng is not installed: the built-in voice needs it (sudo apt-get install espeak-ng)"
+  else
+    echo "==> installing espeak-ng with apt-get (the built-in voice)"
+    if ! { $SUDO apt-get update -qq \
+        && $SUDO env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends espeak-ng >/dev/null; }; then
+      echo "!! could not install espeak-ng: the built-in voice needs it (sudo apt-get install espeak-ng)"
+    fi
+  fi
+fi
+
 echo "==> checking weights"
 bash download_weights.sh || echo "!! some weights are missing; see above (the app still starts and says what is missing)"
 

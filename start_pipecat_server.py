@@ -7,7 +7,10 @@
 The first avatar of --config is used: `preparation: True` prepares it from its video_path
 first, `False` uses the avatar already prepared under that name. Logs go to stderr and to
 musetalk_pipecat.log. Ctrl-C stops the bot cleanly.
-Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN, MUSETALK_ICE_SERVERS.
+    python start_pipecat_server.py --local --mode conversation [--bot-config configs/bot/conversation.yaml]
+
+Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN, MUSETALK_ICE_SERVERS,
+and the key variables the bot config names (api_key_env).
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import importlib
 import os
 import signal
 import sys
+import threading
 import time
 
 LOG_FILE = "musetalk_pipecat.log"
@@ -118,9 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--mode",
-        choices=("mirror", "speech"),
+        choices=("mirror", "say", "conversation", "speech"),
         default="mirror",
-        help="mirror: lip-sync the voice heard in the room (default); speech: lip-sync TTS audio from a TTS service in the pipeline",
+        help="mirror: lip-sync the voice heard in the room (default); say: speak the lines typed here (Enter; "
+        "'/stop' interrupts) with the bot config's TTS; conversation: answer whoever speaks (STT -> LLM -> TTS, "
+        "barge-in); speech: the same as say",
+    )
+    parser.add_argument(
+        "--bot-config",
+        default=None,
+        metavar="FILE",
+        help="say / conversation modes: system prompt and STT, LLM, TTS services "
+        "(default: configs/bot/conversation.yaml; keys come from the environment variables it names)",
     )
     return parser
 
@@ -237,7 +250,33 @@ def check_backend(spec: str) -> None:
         raise BackendError(f"--backend {spec} needs Ray, which is not installed here. Install it with: {INSTALL_HINT}")
 
 
-def serve(args: argparse.Namespace, transport, entries, live, service_settings) -> int:
+def read_say_lines(runner, stream=None) -> threading.Thread:
+    """Say mode on the command line: each line typed is said; "/stop" interrupts."""
+    from loguru import logger
+
+    from musetalk.errors import MuseTalkError
+
+    stream = stream if stream is not None else sys.stdin
+
+    def read() -> None:
+        for line in stream:
+            text = line.strip()
+            if not text:
+                continue
+            try:
+                if text == "/stop":
+                    runner.interrupt(None)
+                else:
+                    runner.say(None, text)
+            except MuseTalkError as exc:
+                logger.warning("{}", exc)
+
+    thread = threading.Thread(target=read, name="musetalk-say-lines", daemon=True)
+    thread.start()
+    return thread
+
+
+def serve(args: argparse.Namespace, transport, entries, live, service_settings, speech=None) -> int:
     """Load models and the avatar, start the bot, report until Ctrl-C or an error."""
     from loguru import logger
 
@@ -251,8 +290,8 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
     logger.info("Loading the models from {}", models_dir_from_env())
     models = load_models(ModelPaths(models_dir_from_env()), runtime_from_env())
     avatar = load_avatar(models, entries[0], args.config)
-    if args.mode == "speech":
-        logger.info("Speech mode: the avatar lip-syncs TTS audio; without a TTS service in the pipeline it stays idle.")
+    if speech is not None:
+        logger.info("Mode {}: {}", args.mode, "; ".join(f"{k} {v}" for k, v in speech.config.describe().items()))
 
     from musetalk.live.service import GenerationService
 
@@ -269,7 +308,10 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
     # On `--backend ray` the bot runs in a worker process of its own on this machine (musetalk/bot/workers.py).
     runner = make_bot_runner(models, service, backend=args.backend)
     try:
-        status = runner.start(avatar, transport, live)
+        status = runner.start(avatar, transport, live, speech=speech)
+        if live.mode in ("say", "speech"):
+            read_say_lines(runner)
+            logger.info("Type a line and press Enter: the avatar says it ('/stop' stops it speaking)")
         if status.worker_pid:
             logger.info("The bot runs in its own worker process (Ray), pid {}", status.worker_pid)
         if status.url:
@@ -297,9 +339,10 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
                 next_report += STATS_EVERY_S
                 fps = "-" if status.fps is None else f"{status.fps:.1f}"
                 latency = "-" if status.mouth_latency_ms is None else f"{status.mouth_latency_ms:.0f} ms"
+                reply = "" if status.turn_latency_ms is None else f" | reply latency {status.turn_latency_ms:.0f} ms"
                 logger.info(
-                    "up {:.0f} s | viewers {} | {} fps | {} frames | mouth latency {}{}",
-                    status.uptime_s, status.viewers, fps, status.frames, latency,
+                    "up {:.0f} s | viewers {} | {} fps | {} frames | mouth latency {}{}{}",
+                    status.uptime_s, status.viewers, fps, status.frames, latency, reply,
                     f" | {status.warning}" if status.warning else "",
                 )  # fmt: skip
             time.sleep(0.25)
@@ -312,6 +355,15 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings) 
             logger.warning("While stopping: {}", final.last_error)
         logger.info("Stopped cleanly")
         return 0
+
+
+def load_speech_setup(path: str | None):
+    """The bot config, with keys looked up in this process's environment (never written anywhere)."""
+    from musetalk.bot.agent import SpeechSetup
+    from musetalk.bot.agent_config import environment_keys, load_bot_config
+    from musetalk.config import models_dir_from_env
+
+    return SpeechSetup(load_bot_config(path), environment_keys(os.environ), models_dir_from_env())
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -342,6 +394,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             transport = TransportSettings(kind="daily", room_url=args.room_url, token=token)
         live = LiveSettings(mode=args.mode)
+        speech = load_speech_setup(args.bot_config) if live.lip_syncs_tts else None
         if args.latency_budget is not None:
             live = dataclasses.replace(live, latency_budget_s=args.latency_budget)
         service_settings = ServiceSettings(max_sessions=args.max_sessions)
@@ -357,7 +410,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ctrl-C (even when started from a script that ignores it) and a service manager's stop.
     previous = {sig: signal.signal(sig, _raise_interrupt) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
-        return serve(args, transport, entries, live, service_settings)
+        return serve(args, transport, entries, live, service_settings, speech)
     except MuseTalkError as exc:
         logger.error("{}", exc)
         return 2

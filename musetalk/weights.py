@@ -47,6 +47,8 @@ STATE_FILE = ".weights.json"
 HASH_ALWAYS_BELOW = 64 << 20  # files smaller than this are hashed on every check
 SOURCES = ("hub", "wheel", "gdrive")
 STATES = ("present", "missing", "damaged")
+PIPER_DIR = "piper"  # inside the models folder: the download_dir to give PiperTTSService
+PIPER_VOICE = "en_US-lessac-medium"  # its voice (settings voice / voice_id)
 
 
 class WeightsError(MuseTalkError):
@@ -134,6 +136,21 @@ def build_registry() -> tuple[WeightFile, ...]:
             "dwpose/dw-ll_ucoco_384.onnx", "DWPose landmarks", "hub", required=False,
             repo="yzd-v/DWPose", filename="dw-ll_ucoco_384.onnx", approx="134 MB",
             without="MuseTalk's own landmark model: landmarks come from the built-in offline face mesh instead",
+        ),
+    ]  # fmt: skip
+    # Piper voice: the model and its config (Piper reads `<model>.json`). models/piper is
+    # PiperTTSService's download_dir and PIPER_VOICE its voice: with both files there it loads, no download.
+    piper_without = "Piper voice for tts.service: piper (a local neural voice); without it use espeak"
+    files += [
+        WeightFile(
+            f"{PIPER_DIR}/{PIPER_VOICE}.onnx", "Piper voice (en_US lessac, medium)", "hub", required=False,
+            repo="rhasspy/piper-voices", filename=f"en/en_US/lessac/medium/{PIPER_VOICE}.onnx", approx="63 MB",
+            without=piper_without,
+        ),
+        WeightFile(
+            f"{PIPER_DIR}/{PIPER_VOICE}.onnx.json", "Piper voice config", "hub", required=False,
+            repo="rhasspy/piper-voices", filename=f"en/en_US/lessac/medium/{PIPER_VOICE}.onnx.json", approx="5 KB",
+            without=piper_without,
         ),
     ]  # fmt: skip
     return tuple(files)

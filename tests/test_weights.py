@@ -201,3 +201,65 @@ def test_check_command_exit_codes(hub, tmp_path, capsys):
     assert weights.main(["check", "--models-dir", str(tmp_path)]) == 1
     out = capsys.readouterr().out
     assert "missing  required musetalkV15/unet.pth" in out and "without it:" in out
+
+
+# --------------------------------------------------------------------------- Piper voice (optional)
+PIPER_FILES = [f for f in HUB_FILES if f.target.startswith(f"{weights.PIPER_DIR}/")]
+PIPER_WITHOUT = "Piper voice for tts.service: piper (a local neural voice); without it use espeak"
+
+
+def test_the_piper_voice_is_an_optional_hub_set():
+    assert [(f.target, f.repo, f.filename, f.required, f.without) for f in PIPER_FILES] == [
+        ("piper/en_US-lessac-medium.onnx", "rhasspy/piper-voices", "en/en_US/lessac/medium/en_US-lessac-medium.onnx",
+         False, PIPER_WITHOUT),
+        ("piper/en_US-lessac-medium.onnx.json", "rhasspy/piper-voices",
+         "en/en_US/lessac/medium/en_US-lessac-medium.onnx.json", False, PIPER_WITHOUT),
+    ]  # fmt: skip
+    assert weights.PIPER_VOICE == "en_US-lessac-medium"
+
+
+def test_check_reports_the_piper_voice_missing_and_the_required_set_whole(tmp_path, landmarks_dir, capsys):
+    models = tmp_path / "models"
+    shutil.copytree(landmarks_dir, models / "face-landmarks")
+    for spec in HUB_FILES:
+        if spec.required:
+            (models / spec.target).parent.mkdir(parents=True, exist_ok=True)
+            (models / spec.target).write_bytes(content_for(spec))
+    states = {s.spec.target: s for s in weights.check(models)}
+    assert [states[f.target].state for f in PIPER_FILES] == ["missing", "missing"]
+    assert all(s.ok for s in states.values() if s.spec.required)
+    assert weights.main(["check", "--models-dir", str(models)]) == 0
+    out = capsys.readouterr().out
+    for spec in PIPER_FILES:
+        assert f"missing  optional {spec.target}" in out and f"without it: {PIPER_WITHOUT}" in out
+    assert "all required weights are present" in out
+
+
+def test_the_piper_voice_is_fetched_where_pipecat_loads_it_without_a_download(hub, tmp_path):
+    report = weights.fetch(tmp_path, PIPER_FILES, options=options(hub))
+    assert report.errors == [] and sorted(report.fetched) == [f.target for f in PIPER_FILES]
+    for spec in PIPER_FILES:
+        assert (tmp_path / spec.target).read_bytes() == hub.files[f"{spec.repo}/{spec.filename}"]
+        assert ("HEAD", f"/rhasspy/piper-voices/resolve/main/{spec.filename}", None) in hub.requests
+    state = weights.read_state(tmp_path)
+    assert (
+        state["piper/en_US-lessac-medium.onnx"]["sha256"] and state["piper/en_US-lessac-medium.onnx.json"]["git_sha1"]
+    )
+    # PiperTTSService(download_dir=D, voice V) downloads only when D/V.onnx is missing; PiperVoice reads V.onnx.json
+    download_dir = tmp_path / weights.PIPER_DIR
+    assert (download_dir / f"{weights.PIPER_VOICE}.onnx").is_file()
+    assert (download_dir / f"{weights.PIPER_VOICE}.onnx.json").is_file()
+    assert all(s.ok for s in weights.check(tmp_path, PIPER_FILES, verify=True))
+
+
+def test_a_hub_without_the_piper_voice_fails_only_the_piper_lines(tmp_path):
+    with HubStandIn() as server:
+        for spec in HUB_FILES:
+            if spec not in PIPER_FILES:
+                server.add(spec.repo, spec.filename, content_for(spec))
+        report = weights.fetch(tmp_path, HUB_FILES, options=options(server))
+    assert report.missing_required == []
+    assert len(report.errors) == len(PIPER_FILES), report.errors
+    for spec, line in zip(PIPER_FILES, report.errors):
+        assert line.startswith(f"could not fetch {spec.target} (rhasspy/piper-voices/{spec.filename})"), line
+        assert "unreachable" not in line and "\n" not in line

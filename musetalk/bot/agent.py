@@ -95,9 +95,13 @@ def _piper_tts(cfg: ServiceConfig, models_dir: Path | None) -> Any:
         )
     try:
         from pipecat.services.piper.tts import PiperTTSService
-    except ImportError as exc:
-        raise ConfigError(f"tts.service piper needs the piper-tts package ({exc}): pip install piper-tts.") from None
-    return PiperTTSService(voice_id=model.stem, download_dir=model.parent)
+    except Exception as exc:  # pipecat raises a bare Exception when piper-tts is absent
+        raise ConfigError(
+            f"tts.service piper needs the piper-tts package ({exc}): pip install 'pipecat-ai[piper]==1.14.0' "
+            "(GPL-3.0), or pick tts.service espeak."
+        ) from None
+    # Pipecat loads download_dir/<voice>.onnx and downloads only when that file is absent (it is not, here).
+    return PiperTTSService(download_dir=model.parent, settings=PiperTTSService.Settings(voice=model.stem))
 
 
 def build_stt(setup: SpeechSetup) -> Any:

@@ -31,6 +31,7 @@ from musetalk.bot.run import BotStatus
 from musetalk.bot.runner import (
     STOP_GRACE_S,
     BotRunner,
+    check_speech,
     ended_to_forget,
     in_use_sentence,
     no_such_bot,
@@ -41,6 +42,7 @@ from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
+    from musetalk.bot.agent import SpeechSetup
     from musetalk.bot.processor import LiveSettings
     from musetalk.models import Models
 
@@ -87,8 +89,16 @@ class BotWorker:
     def pid(self) -> int:
         return os.getpid()
 
-    def start(self, avatar_name: str, transport: TransportSettings, live: LiveSettings) -> BotStatus:
-        return self._runner.start(avatar_name, transport, live, avatar_store=self._store)
+    def start(
+        self, avatar_name: str, transport: TransportSettings, live: LiveSettings, speech: SpeechSetup | None = None
+    ) -> BotStatus:
+        return self._runner.start(avatar_name, transport, live, avatar_store=self._store, speech=speech)
+
+    def say(self, text: str) -> BotStatus:
+        return self._runner.say(None, text)
+
+    def interrupt(self) -> BotStatus:
+        return self._runner.interrupt(None)
 
     def report(self) -> tuple[BotStatus, list[str]]:
         """The bot's status and every avatar it shows (its own and its viewers' picks)."""
@@ -167,9 +177,12 @@ class WorkerBotRunner:
     # ---------------------------------------------------------------- start / stop
     def start(
         self, avatar: str | Avatar, transport_settings: TransportSettings, live_settings: LiveSettings | None = None,
-        avatar_store: AvatarStore | None = None,
+        avatar_store: AvatarStore | None = None, speech: SpeechSetup | None = None,
     ) -> BotStatus:  # fmt: skip
-        """Start a bot in a new worker process; returns once it runs, raises `MuseTalkError` if it cannot start."""
+        """Start a bot in a new worker process; returns once it runs, raises `MuseTalkError` if it cannot start.
+
+        A say or conversation bot's services are checked here first; the worker gets the keys its
+        config names (looked up in this process), never the rest of the environment."""
         from musetalk.bot.processor import LiveSettings
         from musetalk.config import avatars_dir_from_env
 
@@ -178,6 +191,8 @@ class WorkerBotRunner:
         if not isinstance(avatar, (str, Avatar)):
             raise ConfigError("avatar must be an avatar name or a loaded Avatar.")
         live = live_settings if live_settings is not None else LiveSettings()
+        check_speech(live, speech)
+        speech = speech.portable() if speech is not None else None
         name = avatar if isinstance(avatar, str) else avatar.name
         # The worker loads the avatar itself, by name, from the same store on this node.
         store = avatar_store if avatar_store is not None else AvatarStore(avatars_dir_from_env())
@@ -198,8 +213,8 @@ class WorkerBotRunner:
             worker.pid = self._get(worker.actor.pid.remote(), self._start_timeout_s, worker, "start its process")
             worker.last = self._own(worker, worker.last)
             if not worker.stop_requested:
-                status = self._get(worker.actor.start.remote(name, transport_settings, live), self._start_timeout_s,
-                                   worker, "start")  # fmt: skip
+                status = self._get(worker.actor.start.remote(name, transport_settings, live, speech),
+                                   self._start_timeout_s, worker, "start")  # fmt: skip
         except MuseTalkError as exc:
             if not worker.stop_requested:
                 self._end(worker, "error", str(exc))
@@ -298,6 +313,32 @@ class WorkerBotRunner:
         """A stopped local bot's process may still hold the port a new local bot asks for."""
         if settings.kind == "local":
             self.join_closing(timeout)
+
+    # ---------------------------------------------------------------- speaking
+    def say(self, bot_id: str | None, text: str) -> BotStatus:
+        """Queue `text` in the bot's worker (behind what it is saying); returns at once."""
+        from musetalk.bot.agent_config import check_say_text
+
+        text = check_say_text(text)
+        worker = self._live_worker(bot_id)
+        worker.last = self._own(worker, self._get(worker.actor.say.remote(text), STATUS_TIMEOUT_S + 3, worker, "say"))
+        return worker.last
+
+    def interrupt(self, bot_id: str | None = None) -> BotStatus:
+        """Stop the bot's speech now; it keeps running."""
+        worker = self._live_worker(bot_id)
+        status = self._get(worker.actor.interrupt.remote(), STATUS_TIMEOUT_S + 3, worker, "interrupt")
+        worker.last = self._own(worker, status)
+        return worker.last
+
+    def _live_worker(self, bot_id: str | None) -> _Worker:
+        worker = self._find(bot_id)
+        if worker is None:
+            no_such_bot(bot_id, self.running_ids())
+            raise MuseTalkError("No bot is running: start one in say or conversation mode first.")
+        if worker.gone or worker.actor is None or worker.starting or not worker.alive:
+            raise MuseTalkError(f"Bot {worker.bot_id} is not running ({worker.last.state}).")
+        return worker
 
     # ---------------------------------------------------------------- status
     def _find(self, bot_id: str | None) -> _Worker | None:

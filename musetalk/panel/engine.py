@@ -18,7 +18,7 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -30,6 +30,7 @@ import musetalk
 from musetalk import weights
 from musetalk.avatar.preview import PreviewCache
 from musetalk.avatar.store import AvatarStore
+from musetalk.bot.agent_config import BotConfig, KeyLookup, load_bot_config, save_bot_config
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import IceServerSpec
 from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
@@ -51,7 +52,8 @@ class EngineOptions:
 
     fetch: weights.FetchOptions = weights.FetchOptions()
     fetch_at_start: bool = False  # fetch missing weights before the first load (Hugging Face Spaces)
-    speech_pipeline: bool = False  # no TTS pipeline can be configured from the panel yet
+    bot_config: Path | None = None  # say / conversation: the bot config file (None: configs/bot/conversation.yaml)
+    keys: KeyLookup = field(default=lambda name: None, repr=False)  # api_key_env names -> keys (the environment)
     ice_servers: tuple[IceServerSpec, ...] = ()  # STUN/TURN servers for the local page (behind NAT)
     max_bots: int = 4  # live bots running at once
     max_sessions: int | None = None  # live sessions at once, all bots together (None: the measured capacity)
@@ -78,7 +80,10 @@ class Engine:
         self.store = AvatarStore(Path(avatars_dir))
         self.runtime = runtime
         self.options = options or EngineOptions()
-        self.speech_pipeline = self.options.speech_pipeline
+        self.bot_config_path = Path(self.options.bot_config) if self.options.bot_config else None
+        self._bot_config: BotConfig | None = None
+        self._bot_config_error: str | None = None
+        self.reload_bot_config()
         self.sources_dir = self.store.root / SOURCES_DIR
         self.render_dir = Path(tempfile.mkdtemp(prefix="musetalk-renders-"))
         self.registry = weights.build_registry()
@@ -235,6 +240,39 @@ class Engine:
 
     def start_loading_now(self) -> None:
         threading.Thread(target=self._load, name="musetalk-model-loader", daemon=True).start()
+
+    # ---------------------------------------------------------------- what bots speak with
+    def reload_bot_config(self) -> None:
+        """Read the bot config file; a broken one is kept as an error the Live tab shows (mirror bots still start)."""
+        try:
+            config, error = load_bot_config(self.bot_config_path), None
+        except ConfigError as exc:
+            config, error = None, str(exc)
+            logger.warning("{}", exc)
+        with self._cond:
+            self._bot_config, self._bot_config_error = config, error
+
+    def bot_config(self) -> BotConfig:
+        """The configuration the next say / conversation bot starts with."""
+        with self._cond:
+            config, error = self._bot_config, self._bot_config_error
+        if config is None:
+            raise ConfigError(error or "No bot config is loaded.")
+        return config
+
+    def set_bot_config(self, config: BotConfig, *, save: bool = False) -> Path | None:
+        """Use `config` for the next starts; with `save`, also write it to the bot config file (atomically)."""
+        path = None
+        if save:
+            path = save_bot_config(config, self.bot_config_path or Path(config.where))
+        with self._cond:
+            self._bot_config, self._bot_config_error = config, None
+        return path
+
+    def speech_setup(self) -> Any:
+        from musetalk.bot.agent import SpeechSetup
+
+        return SpeechSetup(self.bot_config(), self.options.keys, self.paths.models_dir)
 
     # ---------------------------------------------------------------- bot
     def runner(self, on_wait: Callable[[], None] | None = None) -> BotRunner | WorkerBotRunner:
@@ -475,6 +513,7 @@ _PART_LABELS = MappingProxyType(
         "face-landmarks": "Face detector + landmarks",
         "face-parse-bisent": "BiSeNet face parsing (optional: jaw mask)",
         "dwpose": "DWPose landmarks (optional)",
+        "piper": "Piper voice (optional: tts.service piper)",
     }
 )
 
