@@ -13,7 +13,8 @@ see README, "Control panel"), so `gradio_client` can drive the panel.
 On Hugging Face Spaces (SPACE_ID set) missing weights are fetched at start-up in the
 background (the banner shows the progress) and the Live tab defaults to a Daily room.
 Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, HF_ENDPOINT (a hub
-mirror), MUSETALK_OFFLINE=1, MUSETALK_ICE_SERVERS, GRADIO_SERVER_NAME/PORT, SPACE_ID.
+mirror), MUSETALK_OFFLINE=1, MUSETALK_ICE_SERVERS, GRADIO_SERVER_NAME/PORT, SPACE_ID, and the key
+variables the bot config names (api_key_env, e.g. LLM_API_KEY).
 """
 
 from __future__ import annotations
@@ -79,6 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
         "measured speed of this device serves at 25 fps)",
     )
     parser.add_argument(
+        "--bot-config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="say / conversation bots: system prompt and STT, LLM, TTS services (default "
+        "configs/bot/conversation.yaml; keys come from the environment variables it names)",
+    )
+    parser.add_argument(
         "--backend",
         default="inproc",
         metavar="inproc|ray|ray://HOST:PORT",
@@ -112,6 +121,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 
 def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Environ = os.environ):
     """What the engine may do on its own, from the flags and the environment (the only place that reads it)."""
+    from musetalk.bot.agent_config import environment_keys
     from musetalk.bot.transports import parse_ice_servers
     from musetalk.panel.engine import EngineOptions
     from musetalk.weights import FetchOptions
@@ -129,6 +139,8 @@ def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Envir
         max_bots=args.max_bots,
         max_sessions=args.max_sessions,
         backend=args.backend,
+        bot_config=args.bot_config,
+        keys=environment_keys(environ),
     )
 
 

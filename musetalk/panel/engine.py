@@ -83,7 +83,6 @@ class Engine:
         self.bot_config_path = Path(self.options.bot_config) if self.options.bot_config else None
         self._bot_config: BotConfig | None = None
         self._bot_config_error: str | None = None
-        self.reload_bot_config()
         self.sources_dir = self.store.root / SOURCES_DIR
         self.render_dir = Path(tempfile.mkdtemp(prefix="musetalk-renders-"))
         self.registry = weights.build_registry()
@@ -103,6 +102,7 @@ class Engine:
             maxlen=int(HISTORY_SECONDS / STATUS_EVERY_S)
         )
         self._last_sample = 0.0
+        self.reload_bot_config()
 
     # ---------------------------------------------------------------- models
     def start_loading(self) -> None:
@@ -268,6 +268,16 @@ class Engine:
         with self._cond:
             self._bot_config, self._bot_config_error = config, None
         return path
+
+    def speech_secrets(self) -> list[str]:
+        """The keys the current bot config points at (to scrub from any message)."""
+        with self._cond:
+            config = self._bot_config
+        if config is None:
+            return []
+        from musetalk.bot.agent import SpeechSetup
+
+        return SpeechSetup(config, self.options.keys).secrets()
 
     def speech_setup(self) -> Any:
         from musetalk.bot.agent import SpeechSetup

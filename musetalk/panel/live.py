@@ -21,12 +21,13 @@ from musetalk.bot.transports import (
     validate_room_url,
 )
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
+from musetalk.panel import speech
 from musetalk.panel.avatars import AvatarActions
 from musetalk.panel.boundary import PROGRESS, duration_for, message, operator_errors, scrub
 from musetalk.panel.engine import Engine
 from musetalk.panel.text import (
     BOTS_HEADERS,
-    SPEECH_MODE_HELP,
+    MODE_HELP,
     bots_rows,
     models_banner,
     page_view,
@@ -65,7 +66,7 @@ class LiveActions:
             transport: "local" (a page on this machine, no account) or "daily"
             room_url: the Daily room URL (daily only), e.g. https://your-domain.daily.co/room-name; other hosts are refused
             token: the Daily meeting token (daily, private rooms); never shown or logged
-            mode: "mirror" (lip-sync whoever speaks); "speech" needs a TTS pipeline built in code
+            mode: "mirror" (lip-sync whoever speaks), "say" (speak the text sent with `say`) or "conversation" (STT -> LLM -> TTS from the bot config, barge-in); "speech" = "say"
             local_port: port of the local page (0 = any free port)
             local_host: address of the local page (127.0.0.1: this machine only)
             latency_budget: seconds a frame may wait for the model before it is shown idle (audio waits with it)
@@ -78,8 +79,8 @@ class LiveActions:
         try:
             if not avatar:
                 raise AvatarError("Pick an avatar (prepare one in the Avatars tab first).")
-            if mode == "speech" and not self.engine.speech_pipeline:
-                raise ConfigError(SPEECH_MODE_HELP)
+            mode = "say" if mode == "speech" else (mode or "mirror")
+            speech = self.engine.speech_setup() if mode in ("say", "conversation") else None
             if transport == "daily":
                 settings = TransportSettings(kind="daily", room_url=room_url, token=token)
             else:
@@ -91,17 +92,21 @@ class LiveActions:
                     ice_servers=self.engine.options.ice_servers,
                 )
             budget = DEFAULT_LATENCY_BUDGET_S if latency_budget is None else float(latency_budget)
-            live = LiveSettings(mode=mode or "mirror", latency_budget_s=budget)
+            live = LiveSettings(mode=mode, latency_budget_s=budget)
             runner = self.engine.runner(
                 on_wait=lambda: progress(0.0, desc="Loading the models (first use after start)")
             )
             self.engine.refuse_if_preparing(avatar)
             progress(0.5, desc="Starting the bot")
             self.engine.clear_history()
-            status = runner.start(avatar, settings, live, avatar_store=self.store)
+            status = runner.start(avatar, settings, live, avatar_store=self.store, speech=speech)
         except MuseTalkError as exc:
-            if token and token in str(exc):  # the runner scrubs its own errors; this covers the rest
-                raise MuseTalkError(scrub(str(exc), token)) from None
+            secrets = [token, *self.engine.speech_secrets()]
+            text = str(exc)
+            for secret in secrets:  # the runner scrubs its own errors; this covers the rest
+                text = scrub(text, secret)
+            if text != str(exc):
+                raise MuseTalkError(text) from None
             raise
         return status.to_dict()
 
@@ -196,7 +201,7 @@ class LiveActions:
             gr.Warning(message(str(exc)), duration=duration_for(str(exc)))
 
     def show_mode(self, mode: str):
-        return gr.Markdown(visible=mode == "speech")
+        return gr.Markdown(MODE_HELP.get(mode, ""))
 
 
 def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) -> SimpleNamespace:
@@ -236,13 +241,11 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                         info="0 = any free port.",
                     )
                 mode = gr.Radio(
-                    [("Mirror: lip-sync whoever speaks", "mirror"), ("Speech from a TTS pipeline", "speech")],
-                    value="mirror", label="Mode",
+                    [("Mirror: lip-sync whoever speaks", "mirror"), ("Say: speak the text you type", "say"),
+                     ("Conversation: answer with an LLM", "conversation")],
+                    value="mirror", label="Mode", elem_id="mode",
                 )  # fmt: skip
-                speech_note = gr.Markdown(
-                    ("" if engine.speech_pipeline else "**Not available here.** ") + SPEECH_MODE_HELP,
-                    visible=False,
-                )
+                speech_note = gr.Markdown(MODE_HELP["mirror"], elem_id="mode-help")
                 if on_spaces:
                     gr.Markdown(
                         "**Note:** on Hugging Face Spaces your browser cannot reach the local page (WebRTC needs a TURN "
@@ -286,13 +289,16 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                 with gr.Row():
                     picked_bot = gr.Dropdown([], label="Bot", scale=2, allow_custom_value=True, elem_id="picked-bot")
                     stop_picked_btn = gr.Button("Stop this bot", variant="stop", scale=1, elem_id="stop-picked-btn")
+                speech_box = speech.build()
                 service_md = gr.Markdown(service_view(None, engine.options.max_bots), elem_id="service-status")
         page_html = gr.HTML()
 
     return SimpleNamespace(**{k: v for k, v in locals().items() if k not in ("engine", "avatars")})
 
 
-def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: gr.Timer, page_key: gr.State) -> None:
+def wire(
+    actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: gr.Timer, page_key: gr.State, demo_load
+) -> None:
     """Events of the tab; the timer refreshes the banner, the status and the plots once a second."""
     live_out = [
         banner, c.status_md, c.status_json, c.fps_plot, c.lat_plot, c.page_html, page_key,
@@ -304,6 +310,7 @@ def wire(actions: LiveActions, c: SimpleNamespace, banner: gr.Markdown, timer: g
     )
     c.room_url.blur(actions.check_room_url, c.room_url, None, api_visibility="private", queue=False)
     c.mode.change(actions.show_mode, c.mode, c.speech_note, api_visibility="private", queue=False)
+    speech.wire(speech.SpeechActions(actions.engine), c.speech_box, c.picked_bot, c.mode, timer, demo_load)
     c.start_btn.click(
         actions.start_bot,
         [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host, c.latency_budget],

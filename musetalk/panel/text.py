@@ -18,14 +18,13 @@ from musetalk.weights import format_bytes
 if TYPE_CHECKING:
     from musetalk.panel.engine import Engine
 
-SPEECH_MODE_HELP = (
-    "Speech mode lip-syncs the audio of a TTS service (the avatar speaks an LLM's answers). "
-    "It needs a Pipecat pipeline with speech-to-text, an LLM and a TTS service, built in code: "
-    'put `MuseTalkProcessor(models=..., avatar=..., settings=LiveSettings(mode="speech"))` after '
-    "your TTS service, before `transport.output()` (see `musetalk/bot/pipeline.py`). No TTS pipeline "
-    "is configured in this panel: use Mirror mode here (the avatar lip-syncs whoever speaks in the "
-    "room or on the local page)."
-)
+MODE_HELP = {
+    "mirror": "The avatar lip-syncs whoever speaks in the room or on the page (their voice is played back).",
+    "say": "The avatar speaks what you type under **Speak** (with the bot config's TTS); **Stop speaking** "
+    "stops it at once.",
+    "conversation": "The avatar answers whoever speaks: speech-to-text, the LLM (with the system prompt and the "
+    "conversation so far), then TTS. Speaking over it interrupts it. Set the services under **Speech services**.",
+}
 WEIGHT_COLUMNS = ("file", "part", "kind", "state", "size", "note")
 OLDER_RULES = "made with older preprocessing rules — re-prepare for MuseTalk's exact crops/masks"
 LANDMARKS_HELP = (
@@ -349,3 +348,44 @@ def system_markdown(info: dict[str, Any]) -> str:
     else:
         lines.append(f"\nAll required weights are present (`{info['fetch_command']}` fetches any that go missing).")
     return "\n".join(lines)
+
+
+def transcript_view(status: dict | None) -> str:
+    """A say / conversation bot's turns (newest last), interruptions marked, each reply's latency."""
+    if not status or status.get("mode") not in ("say", "conversation", "speech"):
+        return "*Transcript: start a bot in Say or Conversation mode and pick it above.*"
+    lines = [f"**Transcript of {status.get('bot_id')}** ({status.get('mode')})"]
+    figures = []
+    if status.get("turn_latency_ms") is not None:
+        figures.append(f"last reply {status['turn_latency_ms']:.0f} ms after the user stopped speaking")
+    if status.get("first_mouth_ms") is not None:
+        figures.append(f"first TTS audio -> moving mouth {status['first_mouth_ms']:.0f} ms")
+    if figures:
+        lines.append(" · ".join(figures))
+    turns = status.get("transcript") or []
+    if not turns:
+        lines.append("\n*Nothing said yet.*")
+    for turn in turns:
+        who = {"user": "User", "avatar": "Avatar", "error": "Error"}.get(turn["role"], turn["role"])
+        extra = []
+        if turn.get("latency_ms") is not None:
+            extra.append(f"{turn['latency_ms']:.0f} ms")
+        if turn.get("interrupted"):
+            extra.append("interrupted")
+        suffix = f" *({', '.join(extra)})*" if extra else ""
+        lines.append(f"- **{who}**: {html.escape(turn['text'])}{suffix}")
+    return "\n".join(lines)
+
+
+def bot_config_view(config: dict) -> str:
+    """The bot config in use (file, services; the key variables' names only)."""
+    return "\n".join(
+        [
+            f"**Bot config** `{config['config']}` (what the next Say / Conversation bot speaks with)",
+            "",
+            f"- Speech-to-text: {html.escape(config['stt'])}",
+            f"- LLM: {html.escape(config['llm'])}",
+            f"- Text-to-speech: {html.escape(config['tts'])}",
+            f"- System prompt: {html.escape(config['system_prompt'])}",
+        ]
+    )

@@ -39,7 +39,7 @@ def build_ui(engine: Engine, *, on_spaces: bool = False) -> gr.Blocks:
             return avatar_actions.avatar_choices(live_value), avatar_actions.avatar_choices(render_value)
 
         avatars.wire(avatar_actions, avatars_tab, dropdowns, refresh_dropdowns)
-        live.wire(live_actions, live_tab, banner, timer, live_page_key)
+        live.wire(live_actions, live_tab, banner, timer, live_page_key, demo.load)
         render.wire(render_actions, render_tab)
         system.wire(system_actions, system_tab, banner)
 
