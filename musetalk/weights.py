@@ -39,10 +39,9 @@ from urllib.parse import urlsplit
 
 from loguru import logger
 
+from musetalk import face_models
 from musetalk.errors import MuseTalkError
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
-FACE_MODELS_SCRIPT = REPO_ROOT / "scripts" / "fetch_face_models.py"
 STATE_FILE = ".weights.json"
 HASH_ALWAYS_BELOW = 64 << 20  # files smaller than this are hashed on every check
 SOURCES = ("hub", "wheel", "gdrive")
@@ -61,7 +60,7 @@ class WeightFile:
 
     target: str  # path inside the models folder
     part: str  # what it is, for people
-    source: str  # hub | wheel (mediapipe wheel via scripts/fetch_face_models.py) | gdrive
+    source: str  # hub | wheel (mediapipe wheel via musetalk.face_models) | gdrive
     required: bool = True
     repo: str | None = None  # hub repo id
     filename: str | None = None  # file name inside the hub repo
@@ -90,19 +89,9 @@ class WeightFile:
         return f"Google Drive {self.gdrive_id}"
 
 
-def _face_model_facts() -> dict[str, tuple[str, int, str]]:
-    """Sizes and hashes of the two face models, from the script that extracts them (one source of truth)."""
-    spec = importlib.util.spec_from_file_location("_musetalk_fetch_face_models", FACE_MODELS_SCRIPT)
-    if spec is None or spec.loader is None:
-        raise WeightsError(f"{FACE_MODELS_SCRIPT} is missing: the repository checkout is incomplete.")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)  # standard library only, no work at import
-    return dict(module.MODELS)
-
-
 def build_registry() -> tuple[WeightFile, ...]:
     """Every weight file MuseTalk Live knows about, required ones first."""
-    face = _face_model_facts()
+    face = face_models.MODELS  # sizes and hashes from the module that extracts them (one source of truth)
     files = [
         WeightFile("musetalkV15/musetalk.json", "MuseTalk v1.5 UNet config", "hub",
                    repo="TMElyralab/MuseTalk", filename="musetalkV15/musetalk.json", approx="1 KB"),
@@ -440,10 +429,15 @@ def _fetch_gdrive(
 
 
 def _fetch_wheel_files(models_dir: Path, specs: list[WeightFile]) -> dict[str, str]:
-    """Extract the face models from the mediapipe wheel (pip download); returns error lines per target."""
+    """Extract the face models from the mediapipe wheel (pip download); returns error lines per target.
+
+    `python -m musetalk.face_models` in a child process (its pip run prints and may exit), with
+    this musetalk on its path whether it is installed or run from a checkout."""
+    package_root = str(Path(face_models.__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, (package_root, os.environ.get("PYTHONPATH"))))}
     proc = subprocess.run(
-        [sys.executable, str(FACE_MODELS_SCRIPT), "--models-dir", str(models_dir)],
-        capture_output=True, text=True, check=False,
+        [sys.executable, "-m", "musetalk.face_models", "--models-dir", str(models_dir)],
+        capture_output=True, text=True, check=False, env=env,
     )  # fmt: skip
     if proc.returncode == 0:
         return {}

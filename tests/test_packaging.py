@@ -112,13 +112,20 @@ def test_the_wheel_asks_for_the_pins_of_the_requirements_files(wheel):
     assert pipecat[1] == ("daily", "runner", "silero", "webrtc") and pipecat[2] == "==1.14.0"
 
 
-def test_an_installed_copy_serves_its_page_from_site_packages(wheel, tmp_path):
-    """Installed (no source tree on the path), the bot transport finds its page inside the package."""
-    target = tmp_path / "site"
+@pytest.fixture(scope="module")
+def installed(wheel, tmp_path_factory) -> Path:
+    """The wheel installed into a folder of its own (to put on PYTHONPATH): no source tree beside it."""
+    target = tmp_path_factory.mktemp("site")
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "--quiet", "--target", str(target), str(wheel)],
         check=True, timeout=120,
     )  # fmt: skip
+    return target
+
+
+def test_an_installed_copy_serves_its_page_from_site_packages(installed, tmp_path):
+    """Installed (no source tree on the path), the bot transport finds its page inside the package."""
+    target = installed
     code = (
         "import musetalk, musetalk.bot.transports as t; "
         "print(musetalk.__file__); print((t.STATIC_DIR / 'index.html').is_file(), (t.STATIC_DIR / 'client.js').is_file())"
@@ -131,3 +138,29 @@ def test_an_installed_copy_serves_its_page_from_site_packages(wheel, tmp_path):
     where, found = proc.stdout.strip().splitlines()[-2:]
     assert Path(where).is_relative_to(target), where
     assert found == "True True"
+
+
+def test_an_installed_copy_checks_its_weights_without_the_source_tree(installed, tmp_path):
+    """`python -m musetalk.weights check` from the installed wheel alone (no scripts/ beside it):
+    the face models' sizes and hashes come from inside the package, and an empty models folder
+    gets the listing of what is missing (exit 1), not a traceback."""
+    target, models = installed, tmp_path / "models"
+    env = {**os.environ, "PYTHONPATH": str(target), "MUSETALK_MODELS_DIR": str(models)}
+    where = subprocess.run(
+        [sys.executable, "-c", "import musetalk.weights as w; print(w.__file__)"], cwd=tmp_path, env=env,
+        capture_output=True, text=True, timeout=120, check=True,
+    ).stdout.strip()  # fmt: skip
+    assert Path(where).is_relative_to(target), where  # the installed copy, not this checkout
+    proc = subprocess.run(
+        [sys.executable, "-m", "musetalk.weights", "check"], cwd=tmp_path, env=env, capture_output=True, text=True,
+        timeout=120, check=False,
+    )  # fmt: skip
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-2000:]
+    listing = proc.stdout.strip().splitlines()
+    assert listing[0] == f"weights in {models.resolve()}:"
+    out = "\n".join(listing)
+    for name in ("face_detection_short_range.tflite", "face_landmark.tflite"):
+        assert f"missing  required face-landmarks/{name}" in out, out
+    assert "missing  required musetalkV15/unet.pth" in out
+    assert "required files are missing or damaged: python -m musetalk.weights fetch" in out

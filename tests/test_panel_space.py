@@ -24,14 +24,30 @@ from test_app import ARTIFACTS, PanelServer, _screenshot, _wait_js, panel_env, p
 from musetalk import weights
 
 UNET_KEY = "TMElyralab/MuseTalk/musetalkV15/unet.pth"
+DWPOSE = "dwpose/dw-ll_ucoco_384.onnx"  # optional, and not on the hub stand-in
 
 
 def serve_tiny_models(hub: HubStandIn, tiny: Path) -> None:
-    """Every required hub file of the registry, from the tiny model set. The optional DWPose file
-    is not there (the hub answers 404): the panel gets ready without it and says so in one line."""
+    """Every hub file of the registry but DWPose: the required ones from the tiny model set, the
+    optional Piper voice as stand-in bytes (only checked against what the hub publishes, never
+    loaded here). The optional DWPose file is not there (the hub answers 404): the panel gets
+    ready without it and says so in one line."""
     for spec in weights.build_registry():
-        if spec.source == "hub" and spec.required:
-            hub.add(spec.repo, spec.filename, (tiny / spec.target).read_bytes())
+        if spec.source != "hub" or spec.target == DWPOSE:
+            continue
+        if spec.required:
+            data = (tiny / spec.target).read_bytes()
+        else:
+            assert spec.target.startswith(f"{weights.PIPER_DIR}/"), f"no stand-in for the optional {spec.target}"
+            data = piper_stand_in(spec.filename)
+        hub.add(spec.repo, spec.filename, data)
+
+
+def piper_stand_in(filename: str) -> bytes:
+    """A small config for the voice's .onnx.json (a git file on the hub), 8 KB for its .onnx (an LFS file)."""
+    if filename.endswith(".json"):
+        return b'{"stand_in": "%s"}' % filename.encode()
+    return bytes(range(256)) * 32
 
 
 @pytest.fixture(scope="module")
@@ -103,8 +119,12 @@ def test_a_fresh_space_fetches_the_weights_loads_and_turns_ready(space):
     assert state.startswith("ready"), state
     info = space.client.predict(api_name="/system_info")
     states = {f["file"]: f["state"] for f in info["weight_files"]}
-    assert states.pop("dwpose/dw-ll_ucoco_384.onnx") == "missing"
-    assert set(states.values()) == {"present"}, states
+    assert states.pop(DWPOSE) == "missing"
+    assert set(states.values()) == {"present"}, states  # the optional Piper voice was fetched too
+    assert {
+        f"{weights.PIPER_DIR}/{weights.PIPER_VOICE}.onnx",
+        f"{weights.PIPER_DIR}/{weights.PIPER_VOICE}.onnx.json",
+    } <= set(states)
     (line,) = info["fetch_errors"]  # the optional file the hub does not have: one line
     assert line.startswith("could not fetch dwpose/dw-ll_ucoco_384.onnx (yzd-v/DWPose/dw-ll_ucoco_384.onnx)")
     assert "\n" not in line and "unreachable" not in line
@@ -150,7 +170,7 @@ def test_fetch_weights_button_repairs_damaged_and_missing_files(space):
         _screenshot(page, ARTIFACTS / "panel-system-weights-after.png")
     info = space.client.predict(api_name="/system_info")
     states = {f["file"]: f["state"] for f in info["weight_files"]}
-    assert states.pop("dwpose/dw-ll_ucoco_384.onnx") == "missing"
+    assert states.pop(DWPOSE) == "missing"
     assert set(states.values()) == {"present"}, json.dumps(states)
     assert unet.read_bytes() == space.hub.files[UNET_KEY]
     assert models_state(space).startswith("ready")
