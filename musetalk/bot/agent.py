@@ -36,6 +36,8 @@ from musetalk.errors import ConfigError, MuseTalkError
 CHECK_TIMEOUT_S = 4.0
 NO_KEY = "none"  # the openai client insists on a key; local servers (Ollama, llama.cpp) ignore it
 USER_SPEECH_TIMEOUT_S = 0.4  # after the VAD says the user stopped, how long until the turn is answered
+# Pipecat's STT latency figures assume the VAD confirms the end of speech after 0.2 s of silence.
+CONVERSATION_VAD = VAD_PARAMS.model_copy(update={"stop_secs": 0.2})
 
 
 class ServiceUnavailableError(MuseTalkError):
@@ -124,10 +126,11 @@ def build_stt(setup: SpeechSetup) -> Any:
 
 
 def build_llm(setup: SpeechSetup) -> Any:
+    """The system prompt goes in as the service's system instruction (sent first with every request)."""
     from pipecat.services.openai.llm import OpenAILLMService
 
     cfg = setup.config.llm
-    settings = OpenAILLMService.Settings(**_given(model=cfg.model))
+    settings = OpenAILLMService.Settings(**_given(model=cfg.model), system_instruction=setup.config.system_prompt)
     return OpenAILLMService(api_key=cfg.api_key(setup.keys) or NO_KEY, base_url=cfg.base_url, settings=settings)
 
 
@@ -159,14 +162,12 @@ def build_say_pipeline(transport: BaseTransport, processor: MuseTalkProcessor, s
     return Pipeline([transport.input(), services.tts, processor, transport.output()])
 
 
-def build_conversation_pipeline(
-    transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices, config: BotConfig
-) -> Pipeline:
+def build_conversation_pipeline(transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices) -> Pipeline:
     """STT -> LLM (system prompt + the conversation so far) -> TTS -> avatar; the user speaking interrupts."""
-    context = LLMContext(messages=[{"role": "system", "content": config.system_prompt}])
+    context = LLMContext()
     strategies = UserTurnStrategies(stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=USER_SPEECH_TIMEOUT_S)])
     pair = LLMContextAggregatorPair(context, user_params=LLMUserAggregatorParams(user_turn_strategies=strategies))
-    vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(sample_rate=AUDIO_SAMPLE_RATE, params=VAD_PARAMS))
+    vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(sample_rate=AUDIO_SAMPLE_RATE, params=CONVERSATION_VAD))
     return Pipeline(
         [
             transport.input(), vad, services.stt, pair.user(), services.llm, services.tts, processor,

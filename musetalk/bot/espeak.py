@@ -164,8 +164,12 @@ class EspeakTTSService(TTSService):
                 await self.stop_ttfb_metrics()
                 yield frame
             returncode = await process.wait()
-            if returncode != 0 or not produced:
+            if self._processes.get(context_id) is not process:
+                return  # killed on purpose (interruption, cancel): nothing to report
+            if returncode != 0:
                 yield await self._failure_frame(process, returncode)
+            elif not produced:
+                logger.warning(f"{self}: espeak-ng said nothing for [{text}]")
         except FileNotFoundError as e:
             yield ErrorFrame(error=f"{NOT_INSTALLED} ({e})", category=ErrorCategory.INVALID_REQUEST)
         except Exception as e:  # report, never raise: the pipeline keeps running
@@ -175,7 +179,7 @@ class EspeakTTSService(TTSService):
             if process is not None:
                 if self._processes.get(context_id) is process:
                     del self._processes[context_id]
-                await self._kill(process)
+                await self._reap(process)
             await self.stop_ttfb_metrics()
 
     @staticmethod
@@ -184,9 +188,10 @@ class EspeakTTSService(TTSService):
         try:
             process.stdin.write(text.encode("utf-8"))
             await process.stdin.drain()
-            process.stdin.close()
         except (BrokenPipeError, ConnectionResetError):
             pass
+        finally:
+            process.stdin.close()
 
     async def _stream_pcm(self, process: asyncio.subprocess.Process, context_id: str) -> AsyncGenerator[Frame, None]:
         """Parse espeak-ng's WAV stream and yield it resampled, in CHUNK_SECONDS frames."""
@@ -229,46 +234,50 @@ class EspeakTTSService(TTSService):
         """A sentence a person can act on: an unknown voice is named, with where to find voices."""
         stderr = (await process.stderr.read()).decode("utf-8", "replace").strip()
         voice = self._settings.voice
-        if "voice" in stderr.lower() or (returncode != 0 and not stderr):
+        if "voice" in stderr.lower():
             return ErrorFrame(
                 error=f"espeak-ng has no voice {voice!r}: `espeak-ng --voices` lists them "
-                f"(set tts voice in the bot config). espeak-ng said: {stderr or f'exit code {returncode}'}",
+                f"(set the tts voice in the bot config). espeak-ng said: {stderr}",
                 category=ErrorCategory.INVALID_REQUEST,
             )
-        return ErrorFrame(error=f"espeak-ng failed with exit code {returncode} (voice {voice!r}): {stderr}")
+        said = f": {stderr}" if stderr else ""
+        return ErrorFrame(error=f"espeak-ng failed with exit code {returncode} (voice {voice!r}){said}")
 
     @staticmethod
-    async def _kill(process: asyncio.subprocess.Process) -> None:
-        """Kill espeak-ng if it still runs and reap it, without ever raising."""
+    def _kill(process: asyncio.subprocess.Process) -> None:
         if process.returncode is None:
             try:
                 process.kill()
             except ProcessLookupError:
                 pass
-        try:
-            await asyncio.wait_for(process.wait(), timeout=2.0)
-        except (asyncio.TimeoutError, ProcessLookupError):
-            pass  # asyncio's child watcher still reaps it
 
-    async def _kill_all(self) -> None:
+    async def _reap(self, process: asyncio.subprocess.Process) -> None:
+        """Kill espeak-ng if it still runs and drain its pipes, so asyncio closes them; never raises."""
+        self._kill(process)
+        try:
+            await asyncio.wait_for(process.communicate(), timeout=2.0)
+        except Exception:
+            pass  # asyncio's child watcher still reaps the process
+
+    def _kill_all(self) -> None:
         processes = list(self._processes.values())
         self._processes.clear()
         for process in processes:
-            await self._kill(process)
+            self._kill(process)
 
     async def on_audio_context_interrupted(self, context_id: str):
         """An interruption drops this context: stop synthesising it at once."""
         await super().on_audio_context_interrupted(context_id)
         process = self._processes.pop(context_id, None)
         if process is not None:
-            await self._kill(process)
+            self._kill(process)  # run_tts's finally drains and reaps it
 
     async def stop(self, frame: EndFrame):
         """Graceful end: the pending sentences were spoken; kill any straggler."""
         await super().stop(frame)
-        await self._kill_all()
+        self._kill_all()
 
     async def cancel(self, frame: CancelFrame):
         """Cancel: kill every espeak-ng this service started."""
-        await self._kill_all()
+        self._kill_all()
         await super().cancel(frame)

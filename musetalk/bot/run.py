@@ -515,7 +515,7 @@ class BotRun:
             raise ConfigError(f"Mode {mode} needs a bot config (its TTS, and for a conversation its STT and LLM).")
         services = build_services(self.speech, "conversation" if mode == "conversation" else "say")
         if mode == "conversation":
-            return build_conversation_pipeline(transport, processor, services, self.speech.config)
+            return build_conversation_pipeline(transport, processor, services)
         return build_say_pipeline(transport, processor, services)
 
     # ---------------------------------------------------------------- speaking (any thread)
