@@ -14,6 +14,7 @@ import time
 
 import httpx
 import pytest
+from viewers import candidate_free_offer
 
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import TransportSettings, validate_room_url
@@ -44,27 +45,6 @@ def port_is_free(host: str, port: int) -> bool:
         except OSError:
             return False
     return True
-
-
-def candidate_free_offer() -> str:
-    """A real WebRTC offer (aiortc; audio sendrecv, then video recvonly) with its ICE candidates
-    removed: the bot answers and starts a viewer pipeline, but no packet ever leaves this
-    process (no remote candidates, no STUN servers). Media flow is test_bot_browser.py's job."""
-    from aiortc import RTCPeerConnection
-
-    async def make() -> str:
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    sdp = asyncio.run(make())
-    return "".join(
-        line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates"))
-    )
 
 
 def wait_until(predicate, timeout: float = 15.0) -> bool:

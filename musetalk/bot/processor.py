@@ -36,6 +36,7 @@ from pipecat.frames.frames import (
     OutputAudioRawFrame,
     OutputImageRawFrame,
     StartFrame,
+    SystemFrame,
     TTSAudioRawFrame,
     TTSStoppedFrame,
     VADUserStartedSpeakingFrame,
@@ -126,6 +127,8 @@ class MuseTalkProcessor(FrameProcessor):
         self._loop: asyncio.AbstractEventLoop | None = None
         self._stopped = False
         self._utterance = _Utterance()
+        self._held: deque[tuple[int, Frame]] = deque()  # (entries created when it arrived, frame): see _push_in_order
+        self._emitted = 0  # entries (frames with their audio) handed on so far
 
     # ------------------------------------------------------------------ seed API
     async def initialize_models(self) -> None:
@@ -241,9 +244,10 @@ class MuseTalkProcessor(FrameProcessor):
             await self._on_tts_audio(frame)
         elif isinstance(frame, TTSStoppedFrame) and self._settings.lip_syncs_tts:
             self._end_utterance()
-            await self.push_frame(frame, direction)
-        elif isinstance(frame, InputAudioRawFrame) and self._settings.mode == "mirror":
-            if session is not None:
+            await self._push_in_order(frame, direction)
+        elif isinstance(frame, InputAudioRawFrame):
+            # Mirror mode lip-syncs the room; otherwise the STT before this has used it already.
+            if session is not None and self._settings.mode == "mirror":
                 session.push_audio(await self._mono16k(frame.audio, frame.sample_rate, frame.num_channels))
                 self._wakeup.set()
         elif isinstance(frame, (VADUserStartedSpeakingFrame, VADUserStoppedSpeakingFrame)):
@@ -251,7 +255,25 @@ class MuseTalkProcessor(FrameProcessor):
                 session.set_vad(isinstance(frame, VADUserStartedSpeakingFrame))
             await self.push_frame(frame, direction)
         else:
-            await self.push_frame(frame, direction)
+            await self._push_in_order(frame, direction)
+
+    async def _push_in_order(self, frame: Frame, direction: FrameDirection) -> None:
+        """TTS modes: a data frame that came after TTS audio (its text, TTSStoppedFrame, the end of an LLM
+        reply) leaves after that audio's frames, as it would behind a real-time TTS: the transport then
+        hands the spoken text on as it is heard, and an interruption drops the words never said."""
+        held = self._held
+        if (
+            direction == FrameDirection.DOWNSTREAM and self._settings.lip_syncs_tts and not isinstance(frame, SystemFrame)
+            and self._session is not None and self._joined and (held or self._session.created > self._emitted)
+        ):  # fmt: skip
+            held.append((self._session.created, frame))
+            return
+        await self.push_frame(frame, direction)
+
+    async def _release_held(self, everything: bool = False) -> None:
+        while self._held and (everything or self._held[0][0] <= self._emitted):
+            _, frame = self._held.popleft()
+            await self.push_frame(frame)
 
     async def cleanup(self) -> None:
         """Pipecat calls this however the pipeline ends (even a cancel that overtakes StartFrame)."""
@@ -325,6 +347,9 @@ class MuseTalkProcessor(FrameProcessor):
             self._service.cancel(self._session_id)
         self._utterance.open = False
         self._utterance.first_audio_at = None
+        self._held.clear()  # what came after the dropped audio was never said
+        if self._session is not None:
+            self._emitted = self._session.created
         self._wakeup.set()
 
     def _end_utterance(self) -> None:
@@ -344,6 +369,7 @@ class MuseTalkProcessor(FrameProcessor):
             if time.monotonic() > (session.last_due or 0.0) + 1.0:
                 break
             await asyncio.sleep(FRAME_SECONDS)
+        await self._release_held(everything=True)
 
     async def _stop(self) -> None:
         if self._joined:
@@ -417,8 +443,10 @@ class MuseTalkProcessor(FrameProcessor):
             self._utterance.first_audio_at = None
             await self.stop_ttfb_metrics()
         await self.push_frame(frame)
+        self._emitted += 1
         if self._settings.lip_syncs_tts:
             await self.push_frame(TTSAudioRawFrame(out.audio, out.audio_rate, 1, context_id=out.context_id))
+            await self._release_held()
         else:
             await self.push_frame(OutputAudioRawFrame(out.audio, out.audio_rate, 1))
 

@@ -474,7 +474,7 @@ class BotRun:
             idle_timeout_secs=None,
             enable_rtvi=False,
             processor_unusable_policy=ProcessorUnusablePolicy.CANCEL,
-            observers=[TranscriptObserver(self.transcript, viewer)] if self.live.lip_syncs_tts else [],
+            observers=[TranscriptObserver(self.transcript, processor, viewer)] if self.live.lip_syncs_tts else [],
         )
         session = _Session(key=key, processor=processor, worker=worker, runner=None, connection=connection)
         session.viewer = connection is not None

@@ -3,7 +3,8 @@
 `TranscriptObserver` is a Pipecat observer: it watches frames pass (it never changes them) and
 writes turns into a `Transcript`, which the panel and API callers read from other threads.
 A reply's latency runs from the end of the user's speech (the VAD's stop minus its stop_secs)
-to the first avatar audio the output transport plays (`BotStartedSpeakingFrame`).
+to the first avatar audio handed to the transport (the avatar paces it in real time); its text is
+recorded as the avatar hands it on, after its audio, so words an interruption cut off are not in it.
 """
 
 from __future__ import annotations
@@ -14,20 +15,22 @@ from collections import deque
 from dataclasses import asdict, dataclass
 
 from pipecat.frames.frames import (
-    BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
     ErrorFrame,
     InterruptionFrame,
     LLMFullResponseStartFrame,
     TranscriptionFrame,
+    TTSAudioRawFrame,
     TTSSpeakFrame,
     TTSTextFrame,
     VADUserStartedSpeakingFrame,
     VADUserStoppedSpeakingFrame,
 )
 from pipecat.observers.base_observer import BaseObserver, FramePushed
+from pipecat.processors.frame_processor import FrameProcessor
 
 KEEP_TURNS = 200
+UNFINISHED = "…"  # an avatar turn whose first sentence is still being said (or was cut off)
 
 
 @dataclass
@@ -86,9 +89,10 @@ class Transcript:
 class TranscriptObserver(BaseObserver):
     """Writes one pipeline's turns into a `Transcript` (watch only: frames pass unchanged)."""
 
-    def __init__(self, transcript: Transcript, viewer: str | None = None) -> None:
-        super().__init__()
+    def __init__(self, transcript: Transcript, speaker: FrameProcessor, viewer: str | None = None) -> None:
+        super().__init__(observe_every_push=True)  # the spoken text is a later push than the TTS's own
         self._transcript = transcript
+        self._speaker = speaker  # the avatar (MuseTalkProcessor): it hands audio and text on as they are shown
         self._viewer = viewer
         self._user_stopped_at: float | None = None  # end of the user's speech, waiting for the reply's audio
         self._avatar_turn: Turn | None = None  # the reply being spoken
@@ -99,6 +103,11 @@ class TranscriptObserver(BaseObserver):
 
     async def on_push_frame(self, data: FramePushed) -> None:
         frame, now = data.frame, time.monotonic()
+        if data.source is self._speaker and isinstance(frame, (TTSAudioRawFrame, TTSTextFrame)):
+            self._on_spoken(frame, now)
+            return
+        if not data.first_push:
+            return
         if isinstance(frame, VADUserStoppedSpeakingFrame):
             self._user_stopped_at = now - float(getattr(frame, "stop_secs", 0.0) or 0.0)
             self._avatar_turn = None  # whatever the avatar says next is a new turn
@@ -111,10 +120,6 @@ class TranscriptObserver(BaseObserver):
             self._replying, self._avatar_turn = True, None
         elif isinstance(frame, TTSSpeakFrame):
             self._replying = True
-        elif isinstance(frame, TTSTextFrame) and frame.text.strip():
-            self._add_avatar_text(frame.text.strip(), getattr(frame, "context_id", None))
-        elif isinstance(frame, BotStartedSpeakingFrame):
-            self._on_avatar_audio(now)
         elif isinstance(frame, BotStoppedSpeakingFrame):
             self._bot_speaking = False
             self._replying = False
@@ -123,20 +128,28 @@ class TranscriptObserver(BaseObserver):
         elif isinstance(frame, ErrorFrame):
             self._transcript.add(Turn("error", str(frame.error), self._transcript.now_s(), viewer=self._viewer))
 
-    def _add_avatar_text(self, text: str, context_id: str | None) -> None:
-        turn = self._avatar_turn
-        if turn is not None and context_id == self._avatar_context and not turn.interrupted:
-            self._transcript.update(turn, text=f"{turn.text} {text}")
-            return
-        turn = self._transcript.add(Turn("avatar", text, self._transcript.now_s(), viewer=self._viewer))
-        self._avatar_turn, self._avatar_context = turn, context_id
-        if self._bot_speaking and self._audio_started_at is not None:
-            self._take_latency(turn, self._audio_started_at)
+    def _on_spoken(self, frame, now: float) -> None:
+        """What the avatar hands on, as it is shown: its audio, then each sentence's text after that audio."""
+        context_id = getattr(frame, "context_id", None)
+        if isinstance(frame, TTSAudioRawFrame):
+            if not self._bot_speaking:
+                self._bot_speaking, self._audio_started_at = True, now
+                self._turn_for(context_id)
+                self._take_latency(self._avatar_turn, now)
+        elif frame.text.strip():
+            turn = self._turn_for(context_id)
+            text = frame.text.strip() if turn.text == UNFINISHED else f"{turn.text} {frame.text.strip()}"
+            self._transcript.update(turn, text=text)
 
-    def _on_avatar_audio(self, now: float) -> None:
-        self._bot_speaking, self._audio_started_at = True, now
-        if self._avatar_turn is not None:
-            self._take_latency(self._avatar_turn, now)
+    def _turn_for(self, context_id: str | None) -> Turn:
+        """The avatar turn of this TTS context (one per say request or reply), opened with its first audio."""
+        turn = self._avatar_turn
+        same = context_id == self._avatar_context or (turn is not None and turn.text == UNFINISHED)
+        if turn is None or turn.interrupted or not same:
+            turn = self._transcript.add(Turn("avatar", UNFINISHED, self._transcript.now_s(), viewer=self._viewer))
+            self._avatar_turn = turn
+        self._avatar_context = context_id
+        return turn
 
     def _take_latency(self, turn: Turn, audio_at: float) -> None:
         if self._user_stopped_at is not None and turn.latency_ms is None and audio_at >= self._user_stopped_at:

@@ -347,6 +347,11 @@ class LiveSession:
         return len(self._entries)
 
     @property
+    def created(self) -> int:
+        """Entries (outgoing frames with their audio) made so far; they leave in this order."""
+        return self._seq
+
+    @property
     def pending_speech(self) -> bool:
         """Speech frames (with their audio) are still waiting to be shown."""
         return any(entry.speech for entry in self._entries)
