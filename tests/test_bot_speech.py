@@ -150,13 +150,25 @@ KEYS = {"TEST_STT_KEY": SECRET, "TEST_LLM_KEY": SECRET}.get
 
 
 def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepared_avatar, user_pcm):
-    heard = iter(["What is your name?", "Tell me a long story.", "Stop, please."])
+    heard = ["What is your name?", "Tell me a long story.", "Stop, please."]
+    transcribed: list[str] = []
+
+    def transcribe(_wav: bytes) -> str:
+        transcribed.append(heard[min(len(transcribed), len(heard) - 1)])
+        return transcribed[-1]
+
     replies = {"What is your name?": "My name is Astro.", "Tell me a long story.": LONG_TEXT, "Stop, please.": "Okay."}
+
+    def answer(messages: list[dict]) -> str:
+        # A reply cut off before its first sentence was said leaves no assistant message: Pipecat then
+        # sends the user's next words together with the words it interrupted.
+        said = next(m["content"] for m in reversed(messages) if m["role"] == "user")
+        return next(reply for heard_text, reply in reversed(replies.items()) if said.endswith(heard_text))
     logs: list[str] = []
     sink = logger.add(lambda m: logs.append(str(m)), level="DEBUG")
     try:
         with OpenAIStandIn(
-            transcribe=lambda wav: next(heard), reply=lambda msgs: replies[msgs[-1]["content"]], require_key=SECRET
+            transcribe=transcribe, reply=answer, require_key=SECRET
         ) as api:
             setup = SpeechSetup(conversation_config(api), KEYS)
             live = LiveSettings(mode="conversation", latency_budget_s=1.0)
@@ -191,7 +203,7 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
         logger.remove(sink)
     roles = [(t["role"], t["interrupted"]) for t in final.transcript]
     assert ("avatar", True) in roles, final.transcript
-    assert [t["text"] for t in final.transcript if t["role"] == "user"][:3] == list(replies)
+    assert " ".join(t["text"] for t in final.transcript if t["role"] == "user").startswith(" ".join(replies))
     assert final.state == "running" and final.turn_latency_p50_ms is not None
     assert SECRET not in json.dumps(final.to_dict()) and not any(SECRET in line for line in logs)
     print(f"\nconversation: reply latency p50 {final.turn_latency_p50_ms:.0f} ms (stand-in LLM, espeak, tiny models); "
