@@ -43,3 +43,7 @@ class ConfigError(MuseTalkError):
 
 class CapacityError(MuseTalkError):
     """The generation service cannot take another live session in real time."""
+
+
+class ServiceUnavailableError(MuseTalkError):
+    """A speech or language service named in the bot config does not answer, or refuses the key."""

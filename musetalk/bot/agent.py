@@ -31,17 +31,13 @@ from musetalk.bot.agent_config import BotConfig, KeyLookup, ServiceConfig
 from musetalk.bot.pipeline import VAD_PARAMS
 from musetalk.bot.processor import MuseTalkProcessor
 from musetalk.config import AUDIO_SAMPLE_RATE
-from musetalk.errors import ConfigError, MuseTalkError
+from musetalk.errors import ConfigError, ServiceUnavailableError
 
 CHECK_TIMEOUT_S = 4.0
 NO_KEY = "none"  # the openai client insists on a key; local servers (Ollama, llama.cpp) ignore it
 USER_SPEECH_TIMEOUT_S = 0.4  # after the VAD says the user stopped, how long until the turn is answered
 # Pipecat's STT latency figures assume the VAD confirms the end of speech after 0.2 s of silence.
 CONVERSATION_VAD = VAD_PARAMS.model_copy(update={"stop_secs": 0.2})
-
-
-class ServiceUnavailableError(MuseTalkError):
-    """A speech or language service named in the bot config does not answer, or refuses the key."""
 
 
 @dataclass(frozen=True)
