@@ -1,19 +1,26 @@
-"""MuseTalkProcessor: a Pipecat `FrameProcessor` that turns speech audio into avatar video.
+"""MuseTalkProcessor: a Pipecat video service that turns speech audio into avatar video.
 
-A thin adapter: the scheduling (audio bookkeeping, due times, idle loop, late frames,
-interruptions, stats) is `musetalk.live.session.LiveSession`; the model work is the shared
-`musetalk.live.service.GenerationService` of its models (or the one passed as `service=`),
-which batches the frames of every live session in the process. This class turns Pipecat
-frames into session calls and the session's output into image + audio frames:
+A thin adapter, written like Pipecat's own avatar services (Simli, Tavus, HeyGen): the scheduling
+(audio bookkeeping, due times, idle loop, late frames, interruptions, stats) is
+`musetalk.live.session.LiveSession`; the model work is the shared
+`musetalk.live.service.GenerationService` of its models (or the one passed as `service=`), which
+batches the frames of every live session in the process. This class turns Pipecat frames into
+session calls and the session's output into image + audio frames:
 
-- Room audio (mirror mode) or TTS audio (speech mode) is resampled to 16 kHz mono here and
-  handed to the session, which sends speech frames to the service as soon as their 132.5 ms
-  look-ahead has arrived (Silero VAD decides what is speech in mirror mode).
-- Each frame leaves as one image (`sync_with_audio`) and its own 40 ms of audio, so lip sync
-  holds by construction at the transport. A frame the service has not finished within
-  `latency_budget_s` leaves as an idle frame with its audio.
+- Room audio (mirror mode) or TTS audio (say / conversation / speech modes) is resampled to 16 kHz
+  mono here and handed to the session, which sends speech frames to the service as soon as their
+  132.5 ms look-ahead has arrived (Silero VAD decides what is speech in mirror mode).
+- Each frame leaves as one image (`sync_with_audio`) and its own 40 ms of audio (a
+  `TTSAudioRawFrame` of the TTS's own samples in the TTS modes), so lip sync holds by construction
+  at the transport. A frame the service has not finished within `latency_budget_s` leaves as an
+  idle frame with its audio.
+- TTS modes: the text and stop frames that came after some TTS audio leave after that audio's
+  frames (as behind a real-time TTS), so the transport and the context aggregator see the words
+  as they are said. The time from an utterance's first TTS audio to its first moving-mouth frame
+  is Pipecat's TTFB metric of this processor and `stats().first_mouth_ms`.
 - With no audio coming in at all, an idle ticker keeps 25 fps video flowing from the start.
-- `InterruptionFrame` drops the audio buffer, pending and in-flight frames.
+- `InterruptionFrame` drops the audio buffer, pending and in-flight frames and the text waiting
+  behind them: the next frame is the idle loop (the mouth closes).
 """
 
 from __future__ import annotations
