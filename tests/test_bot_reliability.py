@@ -20,7 +20,8 @@ import time
 import httpx
 import psutil
 import pytest
-from test_bot_runner import bot_threads, candidate_free_offer, port_is_free, wait_no_new_threads, wait_until
+from test_bot_runner import bot_threads, port_is_free, wait_no_new_threads, wait_until
+from viewers import candidate_free_offer
 
 from musetalk.avatar.store import Avatar, AvatarStore
 from musetalk.bot.runner import STOP_GRACE_S, BotRunner
