@@ -286,6 +286,10 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
 
     if not args.skip_checks:
         run_checks(daily=transport.kind == "daily")
+    if speech is not None:  # before the models load: a wrong address or key fails at once, with its sentence
+        from musetalk.bot.runner import check_speech
+
+        check_speech(live, speech)
     check_avatar(entries[0], args.config)
     logger.info("Loading the models from {}", models_dir_from_env())
     models = load_models(ModelPaths(models_dir_from_env()), runtime_from_env())
@@ -359,8 +363,7 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
 
 def load_speech_setup(path: str | None):
     """The bot config, with keys looked up in this process's environment (never written anywhere)."""
-    from musetalk.bot.agent import SpeechSetup
-    from musetalk.bot.agent_config import environment_keys, load_bot_config
+    from musetalk.bot.agent_config import SpeechSetup, environment_keys, load_bot_config
     from musetalk.config import models_dir_from_env
 
     return SpeechSetup(load_bot_config(path), environment_keys(os.environ), models_dir_from_env())

@@ -19,8 +19,7 @@ from openai_standin import OpenAIStandIn, unreachable_url
 from pipecat.frames.frames import InputAudioRawFrame
 from viewers import candidate_free_offer
 
-from musetalk.bot.agent import SpeechSetup
-from musetalk.bot.agent_config import BotConfig, ServiceConfig, load_bot_config
+from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup, load_bot_config
 from musetalk.bot.processor import LiveSettings
 from musetalk.bot.runner import BotRunner
 from musetalk.bot.transports import TransportSettings

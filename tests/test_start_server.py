@@ -181,3 +181,28 @@ def test_local_server_prepares_serves_and_stops_on_ctrl_c(tmp_path, tiny_models_
         s.bind(("127.0.0.1", port))  # the port is free again
     log = (tmp_path / "musetalk_pipecat.log").read_text()
     assert "Local page:" in log and "Stopped cleanly" in log
+
+
+def test_speaking_modes_refuse_a_bad_bot_config_before_loading_anything(tmp_path, tiny_models_dir):
+    """--mode say / conversation: a bot config that cannot work is one sentence, exit 2, before the models load."""
+    config = write_config(tmp_path / "realtime.yaml", "ghost", preparation=False)
+    env = {"MUSETALK_MODELS_DIR": str(tiny_models_dir), "MUSETALK_AVATARS_DIR": str(tmp_path / "avatars")}
+    not_a_mapping = tmp_path / "list.yaml"
+    not_a_mapping.write_text("- a\n- b\n")
+    result = cli(["--local", "--mode", "say", "--bot-config", str(not_a_mapping)], tmp_path, env=env)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "must be a YAML mapping" in result.stderr
+    missing = cli(["--local", "--mode", "conversation", "--bot-config", str(tmp_path / "nope.yaml")], tmp_path, env=env)
+    assert missing.returncode == 2 and "nope.yaml does not exist" in missing.stderr
+
+    from openai_standin import unreachable_url
+
+    dead = tmp_path / "dead.yaml"
+    dead.write_text(
+        f"stt: {{service: openai, base_url: '{unreachable_url()}', model: whisper-1}}\n"
+        f"llm: {{service: openai, base_url: '{unreachable_url()}', model: m, api_key_env: MUSETALK_TEST_UNSET_KEY}}\n"
+    )
+    unset = cli(["--local", "--port", "0", "--config", str(config), "--skip-checks", "--mode", "conversation",
+                 "--bot-config", str(dead)], tmp_path, env=env, timeout=120)  # fmt: skip
+    assert unset.returncode == 2, unset.stderr
+    assert "MUSETALK_TEST_UNSET_KEY, which is not set" in unset.stderr and "Traceback" not in unset.stderr
+    assert "Loading the models" not in unset.stderr and "ghost" not in unset.stderr.split("MUSETALK_TEST_UNSET_KEY")[0]

@@ -27,7 +27,7 @@ from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
-from musetalk.bot.agent_config import BotConfig, KeyLookup, ServiceConfig
+from musetalk.bot.agent_config import ServiceConfig, SpeechSetup
 from musetalk.bot.pipeline import VAD_PARAMS
 from musetalk.bot.processor import MuseTalkProcessor
 from musetalk.config import AUDIO_SAMPLE_RATE
@@ -38,26 +38,6 @@ NO_KEY = "none"  # the openai client insists on a key; local servers (Ollama, ll
 USER_SPEECH_TIMEOUT_S = 0.4  # after the VAD says the user stopped, how long until the turn is answered
 # Pipecat's STT latency figures assume the VAD confirms the end of speech after 0.2 s of silence.
 CONVERSATION_VAD = VAD_PARAMS.model_copy(update={"stop_secs": 0.2})
-
-
-@dataclass(frozen=True)
-class SpeechSetup:
-    """What a say or conversation bot needs besides its avatar: the config and where keys come from."""
-
-    config: BotConfig
-    keys: KeyLookup
-    models_dir: Path | None = None  # where `python -m musetalk.weights` put the Piper voice
-
-    def secrets(self) -> list[str]:
-        """The key values the config points at (to scrub them from any text shown or logged)."""
-        names = {c.api_key_env for c in (self.config.stt, self.config.llm, self.config.tts) if c.api_key_env}
-        return [value for value in (self.keys(name) for name in names) if value]
-
-    def portable(self) -> SpeechSetup:
-        """The same setup with the keys it needs looked up now (for a bot in another process)."""
-        names = {c.api_key_env for c in (self.config.stt, self.config.llm, self.config.tts) if c.api_key_env}
-        found = {name: self.keys(name) for name in names}
-        return SpeechSetup(self.config, {k: v for k, v in found.items() if v}.get, self.models_dir)
 
 
 @dataclass

@@ -236,3 +236,23 @@ def check_say_text(text: Any) -> str:
 def environment_keys(environ: Mapping[str, str]) -> KeyLookup:
     """A `KeyLookup` over an environment mapping (the entry points pass `os.environ`)."""
     return lambda name: environ.get(name)
+
+
+@dataclass(frozen=True)
+class SpeechSetup:
+    """What a say or conversation bot needs besides its avatar: the config and where keys come from."""
+
+    config: BotConfig
+    keys: KeyLookup
+    models_dir: Path | None = None  # where `python -m musetalk.weights` put the Piper voice
+
+    def secrets(self) -> list[str]:
+        """The key values the config points at (to scrub them from any text shown or logged)."""
+        names = {c.api_key_env for c in (self.config.stt, self.config.llm, self.config.tts) if c.api_key_env}
+        return [value for value in (self.keys(name) for name in names) if value]
+
+    def portable(self) -> SpeechSetup:
+        """The same setup with the keys it needs looked up now (for a bot in another process)."""
+        names = {c.api_key_env for c in (self.config.stt, self.config.llm, self.config.tts) if c.api_key_env}
+        found = {name: self.keys(name) for name in names}
+        return SpeechSetup(self.config, {k: v for k, v in found.items() if v}.get, self.models_dir)

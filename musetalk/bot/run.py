@@ -35,7 +35,7 @@ from musetalk.config import AUDIO_SAMPLE_RATE
 from musetalk.errors import CapacityError, ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
-    from musetalk.bot.agent import SpeechSetup
+    from musetalk.bot.agent_config import SpeechSetup
     from musetalk.bot.processor import LiveSettings, MuseTalkProcessor
     from musetalk.live.service import GenerationService
     from musetalk.models import Models

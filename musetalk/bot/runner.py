@@ -26,7 +26,7 @@ from musetalk.config import avatars_dir_from_env
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
-    from musetalk.bot.agent import SpeechSetup
+    from musetalk.bot.agent_config import SpeechSetup
     from musetalk.bot.processor import LiveSettings
     from musetalk.live.service import GenerationService, ServiceStats
     from musetalk.models import Models

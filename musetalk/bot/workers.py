@@ -42,7 +42,7 @@ from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
-    from musetalk.bot.agent import SpeechSetup
+    from musetalk.bot.agent_config import SpeechSetup
     from musetalk.bot.processor import LiveSettings
     from musetalk.models import Models
 

@@ -30,7 +30,7 @@ import musetalk
 from musetalk import weights
 from musetalk.avatar.preview import PreviewCache
 from musetalk.avatar.store import AvatarStore
-from musetalk.bot.agent_config import BotConfig, KeyLookup, load_bot_config, save_bot_config
+from musetalk.bot.agent_config import BotConfig, KeyLookup, SpeechSetup, load_bot_config, save_bot_config
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import IceServerSpec
 from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
@@ -275,13 +275,9 @@ class Engine:
             config = self._bot_config
         if config is None:
             return []
-        from musetalk.bot.agent import SpeechSetup
-
         return SpeechSetup(config, self.options.keys).secrets()
 
-    def speech_setup(self) -> Any:
-        from musetalk.bot.agent import SpeechSetup
-
+    def speech_setup(self) -> SpeechSetup:
         return SpeechSetup(self.bot_config(), self.options.keys, self.paths.models_dir)
 
     # ---------------------------------------------------------------- bot
