@@ -49,7 +49,7 @@ import ctypes.util
 import dataclasses
 import sys
 import types
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -57,7 +57,9 @@ from loguru import logger
 from torch import nn
 
 from musetalk.latents import bf16_decode_supported
-from musetalk.models import Models
+
+if TYPE_CHECKING:  # annotations only: `models.load_models` calls `optimize_for_inference`
+    from musetalk.models import Models
 
 # glibc mallopt parameters (malloc.h)
 _M_TRIM_THRESHOLD = -1

@@ -45,5 +45,9 @@ class CapacityError(MuseTalkError):
     """The generation service cannot take another live session in real time."""
 
 
+class BackendError(MuseTalkError):
+    """The chosen generation backend cannot be reached or used."""
+
+
 class ServiceUnavailableError(MuseTalkError):
     """A speech or language service named in the bot config does not answer, or refuses the key."""

@@ -4,7 +4,7 @@ The model step (UNet + VAE decode) runs batched on the models' device; blending 
 on the CPU in a worker thread so it overlaps the next batch's model step. Blending
 touches only each frame's crop box: every pixel outside it is the avatar frame's own.
 
-Frames are byte-identical to MuseTalk's own real-time loop (`musetalk.bench.official_loop`)
+Frames are byte-identical to MuseTalk's own real-time loop (`musetalk.bench.official.official_loop`)
 given the same weights, device, thread count and batch size, with or without the default
 speed-ups of `musetalk.accel.optimize_for_inference` (`tests/test_generate_exact.py`).
 """

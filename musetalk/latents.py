@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from musetalk.models import VAE_SCALING_FACTOR
-
 FACE_SIZE = 256
+VAE_SCALING_FACTOR = 0.18215  # SD VAE: latents = posterior sample * this
 
 
 @torch.inference_mode()

@@ -26,8 +26,6 @@ if TYPE_CHECKING:
     from musetalk.face.landmarks import FaceLandmarker
     from musetalk.face.parsing import FaceParser
 
-VAE_SCALING_FACTOR = 0.18215
-
 # Published configurations (facts from the public checkpoints). The bench builds
 # full-size random networks from them; tests scale them down.
 MUSETALK_UNET_CONFIG: dict[str, Any] = {

@@ -12,7 +12,8 @@ TESTS = Path(__file__).parent
 sys.path.insert(0, str(TESTS))
 
 import media  # noqa: E402
-from tiny_models import write_tiny_models  # noqa: E402
+
+from musetalk.testing import write_tiny_models  # noqa: E402
 
 REPO = TESTS.parent
 

@@ -10,7 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from musetalk import accel, bench
+from musetalk import accel
+from musetalk.bench.report import format_report
+from musetalk.bench.speed import APPROX_KEYS, FIGURE_KEYS, BenchOptions, run
+from musetalk.bench.timing import count_gflop
+from musetalk.testing import model_configs
 
 REPO = Path(__file__).resolve().parent.parent
 ZERO_WHEN_IDENTICAL = {"max_abs_diff", "differing_pixels"}
@@ -40,7 +44,7 @@ def tiny_report():
 
 
 def test_tiny_json_has_every_figure_positive(tiny_report):
-    _check_figures(tiny_report, bench.FIGURE_KEYS)
+    _check_figures(tiny_report, FIGURE_KEYS)
     assert tiny_report["byte_identical"] is True
     cfg = tiny_report["config"]
     assert cfg["tiny"] is True and cfg["representative"] is False
@@ -52,7 +56,7 @@ def test_tiny_json_has_every_figure_positive(tiny_report):
 
 
 def test_text_report_says_tiny_is_not_representative(tiny_report):
-    text = bench.format_report(tiny_report)
+    text = format_report(tiny_report)
     assert "NOT representative" in text
     assert "byte-identical to the official loop: YES" in text
     for stage in ("features", "UNet", "VAE decode", "blend"):
@@ -61,27 +65,27 @@ def test_text_report_says_tiny_is_not_representative(tiny_report):
 
 def test_approx_mode_reports_its_difference():
     try:
-        report = bench.run(bench.BenchOptions(tiny=True, frames=2, batch=2, approx=True, warmup=False))
+        report = run(BenchOptions(tiny=True, frames=2, batch=2, approx=True, warmup=False))
     finally:
         accel.keep_freed_memory(False)
-    for key in bench.APPROX_KEYS:
+    for key in APPROX_KEYS:
         assert key in report
     assert report["approx_fps"] > 0 and report["approx_vae_decode_ms_per_frame"] > 0
     if accel.bf16_cpu_supported():
         assert report["approx_face_psnr_db"] is not None and 25 < report["approx_face_psnr_db"] < 200
-    assert "--approx" in bench.format_report(report)
+    assert "--approx" in format_report(report)
     json.dumps(report, allow_nan=False)  # valid strict JSON (an identical decode gives null, not inf)
 
 
 def test_full_size_flop_counts_match_the_published_cost_table():
-    flops = bench.count_gflop(tiny=False)  # meta device: shapes only, nothing runs
+    flops = count_gflop(tiny=False)  # meta device: shapes only, nothing runs
     assert flops["unet"] == pytest.approx(178, rel=0.02)
     assert flops["vae_decode"] == pytest.approx(622, rel=0.02)
     assert flops["features_window"] == pytest.approx(37, rel=0.03)
 
 
 def test_full_size_configs_are_the_published_ones():
-    unet, vae, whisper = bench.model_configs(tiny=False)
+    unet, vae, whisper = model_configs(tiny=False)
     assert unet["block_out_channels"] == [320, 640, 1280, 1280] and unet["cross_attention_dim"] == 384
     assert vae["block_out_channels"] == [128, 256, 512, 512]
     assert whisper["d_model"] == 384 and whisper["encoder_layers"] == 4

@@ -1,4 +1,4 @@
-"""Our generator against the official-loop reference (musetalk.bench), on tiny random models.
+"""Our generator against the official-loop reference (musetalk.bench.official), on tiny random models.
 
 No timing assertions: these check bytes, order and where pixels may change.
 """
@@ -13,18 +13,11 @@ import pytest
 import torch
 
 from musetalk import accel
-from musetalk.bench import (
-    OFFICIAL_BATCH,
-    build_random_models,
-    official_blend,
-    official_decode,
-    official_loop,
-    psnr,
-    synthetic_avatar,
-    synthetic_features,
-)
+from musetalk.bench.official import OFFICIAL_BATCH, official_blend, official_decode, official_loop
+from musetalk.bench.timing import psnr
 from musetalk.generate import LipSyncGenerator, blend_face
 from musetalk.latents import decode_latents, decode_latents_approx
+from musetalk.testing import build_random_models, synthetic_avatar, synthetic_features
 
 FRAMES = 10  # one full batch of 8, one partial batch of 2
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from musetalk.bench import synthetic_avatar
-from musetalk.bench_streams import HEADER, StreamsOptions, StreamsResult, find_max, format_row, main_streams
+from musetalk.bench.streams import HEADER, StreamsOptions, StreamsResult, find_max, format_row, main_streams
+from musetalk.testing import synthetic_avatar
 
 
 def result(n: int, fps: float, late: float) -> StreamsResult:

@@ -14,9 +14,9 @@ import pytest
 import torch
 
 from musetalk.audio import StreamingAudioFeatures
-from musetalk.bench import build_random_models, synthetic_avatar
 from musetalk.live.requests import FrameItem, FrameRequest
 from musetalk.live.service import GenerationService, ServiceSettings
+from musetalk.testing import build_random_models, synthetic_avatar
 
 
 @pytest.fixture(scope="module")

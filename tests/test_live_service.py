@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from musetalk.bench import synthetic_avatar, synthetic_features
 from musetalk.errors import CapacityError
 from musetalk.generate import LipSyncGenerator
 from musetalk.live.requests import FrameItem, FrameRequest
 from musetalk.live.service import GenerationService, ServiceSettings
+from musetalk.testing import synthetic_avatar, synthetic_features
 
 
 class Results:

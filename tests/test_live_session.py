@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from musetalk.audio import LOOKAHEAD_SAMPLES
-from musetalk.bench import synthetic_avatar
 from musetalk.errors import ConfigError
 from musetalk.live.requests import FrameResult
 from musetalk.live.session import FRAME_SECONDS, LiveSession, LiveSettings
+from musetalk.testing import synthetic_avatar
 
 
 class Clock:

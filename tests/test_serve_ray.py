@@ -15,13 +15,13 @@ import time
 import numpy as np
 import pytest
 
-from musetalk.bench import synthetic_avatar, synthetic_features
 from musetalk.config import RuntimeSettings
 from musetalk.errors import ConfigError, MuseTalkError
 from musetalk.live.requests import FrameItem, FrameRequest
 from musetalk.live.service import GenerationService, ServiceSettings
 from musetalk.serve import backend as backend_mod
 from musetalk.serve.backend import BackendError, RayOptions, make_backend
+from musetalk.testing import synthetic_avatar, synthetic_features
 
 SERVICE = {"batch_size": 1, "blend_threads": 1, "torch_threads": 1, "admission": False}
 # A replica killed with kill -9: its sessions lose only frames that fall due before they are
@@ -181,8 +181,7 @@ def test_ray_replica_killed_mid_speech_sessions_go_on(ray_client, models, avatar
 @needs_ray
 def test_ray_live_sessions_through_the_client_lip_sync_every_speech_frame(ray_client, avatars):
     """LiveSession (audio windows, not ready features) over the Ray client, as a bot drives it."""
-    from musetalk.bench_streams import StreamsOptions
-    from musetalk.serve.bench import run_streams_remote
+    from musetalk.bench.streams import StreamsOptions, run_streams_remote
 
     opts = StreamsOptions(seconds=1.0, latency_budget_s=20.0, frame_size=(192, 160))  # this CPU is slow and shared
     result = run_streams_remote(ray_client, avatars, 1, opts)
@@ -246,7 +245,8 @@ def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, pre
     """What the panel and start_pipecat_server.py do with --backend ray: a BotRunner whose service is
     the Ray client; a viewer's session opens on a replica, its video flows, stop closes the session."""
     import httpx
-    from test_bot_runner import candidate_free_offer, wait_until
+    from test_bot_runner import wait_until
+    from viewers import candidate_free_offer
 
     from musetalk.bot.runner import BotRunner
     from musetalk.bot.transports import TransportSettings
@@ -270,7 +270,8 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
     """Each bot runs in a Ray worker process of its own; kill -9 of one: its status says so, the other bot's
     viewer keeps getting frames, the dead bot's session is freed on the replica, and a new bot starts."""
     import httpx
-    from test_bot_runner import candidate_free_offer, wait_until
+    from test_bot_runner import wait_until
+    from viewers import candidate_free_offer
 
     from musetalk.bot.transports import TransportSettings
     from musetalk.bot.workers import WorkerBotRunner

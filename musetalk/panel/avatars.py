@@ -433,108 +433,126 @@ class AvatarActions:
 def build(actions: AvatarActions) -> SimpleNamespace:
     """The tab's components (inside the caller's `gr.Tabs`)."""
     with gr.Tab("Avatars", id="avatars") as tab:
-        gr.Markdown(
-            "### 1. Preview\nUpload a few seconds to a minute of one person facing the camera, mouth closed "
-            "or talking. The preview shows how the face will be cut and blended on 4 frames across the clip; "
-            "changing a setting renders it again."
-        )
-        with gr.Row():
-            with gr.Column(scale=2):
-                video = gr.Video(label="Video", sources=["upload", "webcam"], include_audio=True, height=320)
-                bbox_shift = gr.Slider(
-                    -50,
-                    50,
-                    value=0,
-                    step=1,
-                    label="bbox_shift (px)",
-                    info="Moves the mouth-mask line (red): + down, - up. Stay inside the range shown under the preview.",
-                )
-                extra_margin = gr.Slider(
-                    0,
-                    100,
-                    value=10,
-                    step=1,
-                    label="extra_margin (px)",
-                    info="Added below the chin, so the jaw can move.",
-                )
-                parsing_mode = gr.Radio(
-                    [("Jaw (v1.5)", "jaw"), ("Raw face parsing", "raw"), ("Landmark polygon", "polygon")],
-                    value="jaw", label="Blend mask", info="Jaw and raw need the face-parsing weights; without them the polygon is used.",
-                )  # fmt: skip
-                cheek_width = gr.Slider(
-                    0,
-                    256,
-                    value=90,
-                    step=1,
-                    label="Cheek width",
-                    info="Width of the cheek part of the jaw mask.",
-                )
-                with gr.Row():
-                    max_side = gr.Number(
-                        value=PrepareSettings().max_side, minimum=256, step=64, precision=0, label="Max side (px)",
-                        info="Longer sides are scaled down to this; smaller videos keep their native size.", scale=1,
-                    )  # fmt: skip
-                    landmarks = gr.Radio(
-                        [("Auto", "auto"), ("DWPose", "dwpose"), ("Offline face mesh", "offline")],
-                        value=PrepareSettings().landmarks, label="Landmarks", info=LANDMARKS_HELP, scale=2,
-                    )  # fmt: skip
-                preview_btn = gr.Button("Preview", variant="secondary", elem_id="preview-btn")
-            with gr.Column(scale=3):
-                preview_gallery = gr.Gallery(
-                    label="Preview: annotated frame | generated frame",
-                    columns=2,
-                    format="png",
-                    object_fit="contain",
-                )
-                preview_info = gr.Markdown()
+        preview = _build_preview()
+        prepare = _build_prepare()
+        library = _build_library(actions)
+    return SimpleNamespace(tab=tab, **preview, **prepare, **library)
 
-        gr.Markdown("### 2. Prepare")
-        with gr.Row():
-            name = gr.Textbox(
-                label="Avatar name",
-                placeholder="e.g. anna_office",
-                info="Letters, digits, '_' and '-'.",
-                scale=3,
+
+def _build_preview() -> dict[str, Any]:
+    """1. Preview: the video, the preparation settings and the annotated preview frames."""
+    gr.Markdown(
+        "### 1. Preview\nUpload a few seconds to a minute of one person facing the camera, mouth closed "
+        "or talking. The preview shows how the face will be cut and blended on 4 frames across the clip; "
+        "changing a setting renders it again."
+    )
+    with gr.Row():
+        with gr.Column(scale=2):
+            video = gr.Video(label="Video", sources=["upload", "webcam"], include_audio=True, height=320)
+            bbox_shift = gr.Slider(
+                -50,
+                50,
+                value=0,
+                step=1,
+                label="bbox_shift (px)",
+                info="Moves the mouth-mask line (red): + down, - up. Stay inside the range shown under the preview.",
             )
-            replace = gr.Checkbox(label="Replace an avatar of this name", value=False, scale=1)
-        with gr.Row():
-            prepare_btn = gr.Button("Prepare", variant="primary", elem_id="prepare-btn")
-            cancel_btn = gr.Button("Cancel preparation", variant="stop", elem_id="cancel-btn")
-        prepare_note = gr.Markdown(min_height=70)
-        prepared = gr.JSON(label="Prepared avatar", visible=False)
+            extra_margin = gr.Slider(
+                0,
+                100,
+                value=10,
+                step=1,
+                label="extra_margin (px)",
+                info="Added below the chin, so the jaw can move.",
+            )
+            parsing_mode = gr.Radio(
+                [("Jaw (v1.5)", "jaw"), ("Raw face parsing", "raw"), ("Landmark polygon", "polygon")],
+                value="jaw", label="Blend mask", info="Jaw and raw need the face-parsing weights; without them the polygon is used.",
+            )  # fmt: skip
+            cheek_width = gr.Slider(
+                0,
+                256,
+                value=90,
+                step=1,
+                label="Cheek width",
+                info="Width of the cheek part of the jaw mask.",
+            )
+            with gr.Row():
+                max_side = gr.Number(
+                    value=PrepareSettings().max_side, minimum=256, step=64, precision=0, label="Max side (px)",
+                    info="Longer sides are scaled down to this; smaller videos keep their native size.", scale=1,
+                )  # fmt: skip
+                landmarks = gr.Radio(
+                    [("Auto", "auto"), ("DWPose", "dwpose"), ("Offline face mesh", "offline")],
+                    value=PrepareSettings().landmarks, label="Landmarks", info=LANDMARKS_HELP, scale=2,
+                )  # fmt: skip
+            preview_btn = gr.Button("Preview", variant="secondary", elem_id="preview-btn")
+        with gr.Column(scale=3):
+            preview_gallery = gr.Gallery(
+                label="Preview: annotated frame | generated frame",
+                columns=2,
+                format="png",
+                object_fit="contain",
+            )
+            preview_info = gr.Markdown()
 
-        gr.Markdown("### 3. Library")
-        library_empty = gr.Markdown()
-        library_gallery = gr.Gallery(
-            label="Prepared avatars (click one)",
-            columns=6,
-            height=220,
-            object_fit="contain",
-            allow_preview=False,
-            fit_columns=False,
+    return dict(locals())
+
+
+def _build_prepare() -> dict[str, Any]:
+    """2. Prepare: the avatar name, Prepare / Cancel and the prepared manifest."""
+    gr.Markdown("### 2. Prepare")
+    with gr.Row():
+        name = gr.Textbox(
+            label="Avatar name",
+            placeholder="e.g. anna_office",
+            info="Letters, digits, '_' and '-'.",
+            scale=3,
         )
-        library_table = gr.Dataframe(label="All avatars", interactive=False, wrap=True)
-        with gr.Row():
-            lib_select = actions.avatar_dropdown("Selected avatar", scale=3)
-            refresh_btn = gr.Button("Refresh", scale=1, elem_id="library-refresh-btn")
-        lib_details = gr.Markdown()
-        with gr.Accordion("Manifest (JSON)", open=False):
-            lib_json = gr.JSON(label="Manifest")
-        with gr.Row():
-            new_name = gr.Textbox(label="New name", scale=3)
-            rename_btn = gr.Button("Rename", scale=1, elem_id="rename-btn")
-        with gr.Row():
-            edit_btn = gr.Button("Load into the editor above", elem_id="edit-btn")
-            reprepare_btn = gr.Button("Re-prepare with the settings above", elem_id="reprepare-btn")
-            delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn")
-        with gr.Row(visible=False) as confirm_row:
-            confirm_text = gr.Markdown()
-            confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete-btn")
-            keep_btn = gr.Button("Keep it", elem_id="keep-btn")
-        avatars_json = gr.JSON(visible=False)
-        renamed = gr.Textbox(visible=False)
+        replace = gr.Checkbox(label="Replace an avatar of this name", value=False, scale=1)
+    with gr.Row():
+        prepare_btn = gr.Button("Prepare", variant="primary", elem_id="prepare-btn")
+        cancel_btn = gr.Button("Cancel preparation", variant="stop", elem_id="cancel-btn")
+    prepare_note = gr.Markdown(min_height=70)
+    prepared = gr.JSON(label="Prepared avatar", visible=False)
 
-    return SimpleNamespace(**{k: v for k, v in locals().items() if k != "actions"})
+    return dict(locals())
+
+
+def _build_library(actions: AvatarActions) -> dict[str, Any]:
+    """3. Library: the gallery and table of avatars, and rename / re-prepare / delete of the selected one."""
+    gr.Markdown("### 3. Library")
+    library_empty = gr.Markdown()
+    library_gallery = gr.Gallery(
+        label="Prepared avatars (click one)",
+        columns=6,
+        height=220,
+        object_fit="contain",
+        allow_preview=False,
+        fit_columns=False,
+    )
+    library_table = gr.Dataframe(label="All avatars", interactive=False, wrap=True)
+    with gr.Row():
+        lib_select = actions.avatar_dropdown("Selected avatar", scale=3)
+        refresh_btn = gr.Button("Refresh", scale=1, elem_id="library-refresh-btn")
+    lib_details = gr.Markdown()
+    with gr.Accordion("Manifest (JSON)", open=False):
+        lib_json = gr.JSON(label="Manifest")
+    with gr.Row():
+        new_name = gr.Textbox(label="New name", scale=3)
+        rename_btn = gr.Button("Rename", scale=1, elem_id="rename-btn")
+    with gr.Row():
+        edit_btn = gr.Button("Load into the editor above", elem_id="edit-btn")
+        reprepare_btn = gr.Button("Re-prepare with the settings above", elem_id="reprepare-btn")
+        delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn")
+    with gr.Row(visible=False) as confirm_row:
+        confirm_text = gr.Markdown()
+        confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete-btn")
+        keep_btn = gr.Button("Keep it", elem_id="keep-btn")
+    avatars_json = gr.JSON(visible=False)
+    renamed = gr.Textbox(visible=False)
+
+    return {k: v for k, v in locals().items() if k != "actions"}
 
 
 def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown], refresh_dropdowns) -> None:

@@ -27,15 +27,11 @@ from typing import Any
 from loguru import logger
 
 from musetalk.config import RuntimeSettings
-from musetalk.errors import ConfigError, MuseTalkError
+from musetalk.errors import BackendError, ConfigError
 from musetalk.live.service import GenerationService, ServiceSettings
 from musetalk.models import Models
 
 INSTALL_HINT = "pip install -r requirements-scale.txt  (Ray Serve; the default `inproc` backend needs none)"
-
-
-class BackendError(MuseTalkError):
-    """The chosen generation backend cannot be reached or used."""
 
 
 @dataclass(frozen=True)

@@ -31,11 +31,10 @@ from typing import Any
 from loguru import logger
 
 from musetalk.avatar.store import Avatar
-from musetalk.errors import CapacityError, MuseTalkError
+from musetalk.errors import BackendError, CapacityError, MuseTalkError
 from musetalk.live.requests import FrameRequest, FrameResult
 from musetalk.live.service import ServiceStats, SessionInfo
 from musetalk.serve.avatars import PackedAvatars
-from musetalk.serve.backend import BackendError
 from musetalk.serve.deployment import shift_due
 from musetalk.serve.router import KNOWN_REPLICAS, pinned_id
 

@@ -193,11 +193,11 @@ class GenerationReplica:
 
 
 def _load(cfg: ReplicaConfig):
-    if cfg.random_models is not None:  # the benchmark's random weights (speed only)
+    if cfg.random_models is not None:  # random weights (benchmarks, speed only)
         import torch
 
         from musetalk import accel
-        from musetalk.bench import build_random_models
+        from musetalk.testing import build_random_models
 
         device = torch.device(
             "cuda" if cfg.device == "auto" and torch.cuda.is_available() else cfg.device.replace("auto", "cpu")
