@@ -11,8 +11,9 @@ own avatar services: transport in -> VAD -> STT -> context -> LLM -> TTS -> Muse
 It greets the visitor, answers, and stops talking the moment the visitor speaks over it.
 
 Environment: MUSETALK_AVATAR (default avatar_1), MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR,
-LLM_BASE_URL (default http://127.0.0.1:11434/v1, Ollama), LLM_MODEL (llama3.2), LLM_API_KEY,
-STT_BASE_URL (http://127.0.0.1:8000/v1, e.g. speaches), STT_API_KEY. The voice is espeak-ng (offline).
+MUSETALK_DEVICE (auto, cpu or cuda), LLM_BASE_URL (default http://127.0.0.1:11434/v1, Ollama),
+LLM_MODEL (llama3.2), LLM_API_KEY, STT_BASE_URL (http://127.0.0.1:8000/v1, e.g. speaches),
+STT_API_KEY. The voice is espeak-ng (offline).
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ from musetalk.config import ModelPaths, RuntimeSettings
 from musetalk.models import load_models
 
 SYSTEM_PROMPT = "You are a friendly assistant shown as a talking face. Answer in one or two short sentences."
+GREETING_REQUEST = "Greet the visitor in one short sentence."
 _models = None  # loaded once per process, shared by every visitor
 
 
@@ -51,22 +53,19 @@ async def bot(runner_args: RunnerArguments) -> None:
     global _models
     if _models is None:
         paths = ModelPaths(Path(os.environ.get("MUSETALK_MODELS_DIR", "models")))
-        _models = await asyncio.to_thread(load_models, paths, RuntimeSettings(device=os.environ.get("MUSETALK_DEVICE", "auto")))
+        runtime = RuntimeSettings(device=os.environ.get("MUSETALK_DEVICE", "auto"))
+        _models = await asyncio.to_thread(load_models, paths, runtime)
     store = AvatarStore(Path(os.environ.get("MUSETALK_AVATARS_DIR", "avatars")))
     avatar = await asyncio.to_thread(store.load, os.environ.get("MUSETALK_AVATAR", "avatar_1"))
 
     # The avatar's video size decides the transport's; its audio leaves together with the frames.
     avatar_video = MuseTalkProcessor(models=_models, avatar=avatar, settings=LiveSettings(mode="conversation"))
     width, height = avatar_video.video_size
-    transport = await create_transport(
-        runner_args,
-        {
-            "webrtc": lambda: TransportParams(
-                audio_in_enabled=True, audio_in_sample_rate=16000, audio_out_enabled=True,
-                video_out_enabled=True, video_out_width=width, video_out_height=height, video_out_framerate=25,
-            )  # fmt: skip
-        },
-    )
+    params = TransportParams(
+        audio_in_enabled=True, audio_in_sample_rate=16000, audio_out_enabled=True,
+        video_out_enabled=True, video_out_width=width, video_out_height=height, video_out_framerate=25,
+    )  # fmt: skip
+    transport = await create_transport(runner_args, {"webrtc": lambda: params})
     stt = OpenAISTTService(
         base_url=os.environ.get("STT_BASE_URL", "http://127.0.0.1:8000/v1"),
         api_key=os.environ.get("STT_API_KEY", "none"),
@@ -75,9 +74,11 @@ async def bot(runner_args: RunnerArguments) -> None:
     llm = OpenAILLMService(
         base_url=os.environ.get("LLM_BASE_URL", "http://127.0.0.1:11434/v1"),
         api_key=os.environ.get("LLM_API_KEY", "none"),
-        settings=OpenAILLMService.Settings(model=os.environ.get("LLM_MODEL", "llama3.2")),
+        settings=OpenAILLMService.Settings(
+            model=os.environ.get("LLM_MODEL", "llama3.2"), system_instruction=SYSTEM_PROMPT
+        ),
     )
-    context = LLMContext(messages=[{"role": "system", "content": SYSTEM_PROMPT}])
+    context = LLMContext()
     aggregators = LLMContextAggregatorPair(context)
     pipeline = Pipeline(
         [
@@ -97,14 +98,16 @@ async def bot(runner_args: RunnerArguments) -> None:
     @transport.event_handler("on_client_connected")
     async def greet(_transport, _client) -> None:
         logger.info("A visitor connected: greeting them")
-        context.add_message({"role": "user", "content": "Greet the visitor in one short sentence."})
+        context.add_message({"role": "user", "content": GREETING_REQUEST})
         await worker.queue_frames([LLMRunFrame()])
 
     @transport.event_handler("on_client_disconnected")
     async def leave(_transport, _client) -> None:
         await worker.cancel()
 
-    await WorkerRunner(handle_sigint=runner_args.handle_sigint).run(worker)
+    runner = WorkerRunner(handle_sigint=runner_args.handle_sigint)
+    await runner.add_workers(worker)
+    await runner.run()
 
 
 if __name__ == "__main__":
