@@ -433,3 +433,41 @@ def test_start_pipecat_server_runs_its_bot_in_a_worker_process(ray_client, avata
     from test_bot_runner import wait_until
 
     assert wait_until(lambda: not pid_alive(pid), 20)
+
+
+@needs_ray
+def test_a_say_bot_in_a_worker_process_speaks_and_stops(ray_client, avatar_store, prepared_avatar):
+    """Say mode through a bot worker: the worker gets the bot config (and only the keys it names), say()
+    and interrupt() reach its pipeline; the key never shows in a status."""
+    import httpx
+    from test_bot_runner import wait_until
+    from viewers import candidate_free_offer
+
+    from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup
+    from musetalk.bot.processor import LiveSettings
+    from musetalk.bot.transports import TransportSettings
+    from musetalk.bot.workers import WorkerBotRunner
+
+    secret = "sk-worker-secret-42"
+    tts = ServiceConfig("tts", "espeak", voice="en-us", api_key_env="MUSETALK_TEST_TTS_KEY")
+    setup = SpeechSetup(BotConfig(tts=tts), {"MUSETALK_TEST_TTS_KEY": secret, "OTHER": "not-sent"}.get)
+    runner = WorkerBotRunner(ray_client, max_bots=1, bot_cpus=0.5)
+    try:
+        status = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0),
+                              LiveSettings(mode="say", latency_budget_s=2.0), avatar_store=avatar_store, speech=setup)  # fmt: skip
+        assert status.mode == "say" and status.worker_pid not in (None, os.getpid())
+        with pytest.raises(MuseTalkError, match="Nobody is watching"):
+            runner.say(status.bot_id, "Hello.")
+        answer = httpx.post(status.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+        assert answer.status_code == 200, answer.text
+        assert wait_until(lambda: runner.status(status.bot_id).frames > 10, 60), runner.status(status.bot_id)
+        runner.say(status.bot_id, "This is the worker speaking, for a good few seconds, so it can be stopped.")
+        assert wait_until(lambda: runner.status(status.bot_id).speaking, 20), runner.status(status.bot_id)
+        runner.interrupt(status.bot_id)
+        assert wait_until(lambda: not runner.status(status.bot_id).speaking, 3), runner.status(status.bot_id)
+        final = runner.status(status.bot_id)
+        assert final.state == "running" and any(t["interrupted"] for t in final.transcript), final
+        assert secret not in repr(final)
+    finally:
+        runner.stop_all()
+        runner.join_closing(60)
