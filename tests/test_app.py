@@ -75,15 +75,21 @@ class PanelServer:
         return self.proc.returncode
 
 
-def panel_env(models_dir: Path, avatars_dir: Path, tmp: Path) -> dict[str, str]:
+# Keys the shipped bot config names (api_key_env): never handed to a panel unless a test sets them.
+BOT_KEY_VARIABLES = ("STT_API_KEY", "LLM_API_KEY", "TTS_API_KEY", "OPENAI_API_KEY")
+SHIPPED_BOT_CONFIG = REPO / "configs" / "bot" / "conversation.yaml"
+
+
+def panel_env(models_dir: Path, avatars_dir: Path, tmp: Path, **extra: str) -> dict[str, str]:
     return {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k not in BOT_KEY_VARIABLES},
         "MUSETALK_MODELS_DIR": str(models_dir),
         "MUSETALK_AVATARS_DIR": str(avatars_dir),
         "MUSETALK_DEVICE": "cpu",
         "GRADIO_ANALYTICS_ENABLED": "False",
         "GRADIO_TEMP_DIR": str(tmp / "gradio"),
         "PYTHONUNBUFFERED": "1",
+        **extra,
     }
 
 
@@ -143,6 +149,11 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 def panel(tiny_models_dir, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("panel")
     avatars = tmp / "avatars"
+    # No --bot-config: the default, configs/bot/conversation.yaml, is read relative to the working
+    # directory (the panel runs in `tmp`), so the shipped file is copied there; this also keeps the
+    # repository's own file out of reach of anything the panel saves.
+    (tmp / "configs" / "bot").mkdir(parents=True)
+    shutil.copyfile(SHIPPED_BOT_CONFIG, tmp / "configs" / "bot" / "conversation.yaml")
     server = PanelServer([], panel_env(tiny_models_dir, avatars, tmp), tmp / "app.log")
     try:
         server.wait_ready()
@@ -261,10 +272,17 @@ def test_bot_errors_are_readable_and_never_show_the_token(panel, prepared):
     )  # fmt: skip
     assert_operator_message(message, "example.com is not a Daily host", "daily.co")
     assert client.predict(api_name="/bot_status")["state"] == "stopped"
+    # Conversation with the shipped config: its keys' variables are not set in the panel's environment.
     message = app_error(
-        lambda: client.predict("astro", "local", "", "", "speech", 0, "127.0.0.1", api_name="/start_bot")
-    )
-    assert_operator_message(message, "TTS", "Mirror")
+        lambda: client.predict("astro", "local", "", "", "conversation", 0, "127.0.0.1", api_name="/start_bot")
+    )  # fmt: skip
+    assert_operator_message(message, "stt.api_key_env names STT_API_KEY, which is not set", "export STT_API_KEY=")
+    message = app_error(
+        lambda: client.predict("astro", "local", "", "", "shout", 0, "127.0.0.1", api_name="/start_bot")
+    )  # fmt: skip
+    # The Mode radio refuses it (Gradio's check of its choices), naming the modes there are.
+    assert_operator_message(message, "'shout'", "not in the list of choices", "['mirror', 'say', 'conversation']")
+    assert client.predict(api_name="/bot_status")["state"] != "running"
     message = app_error(
         lambda: client.predict("nobody", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
     )
@@ -291,6 +309,182 @@ def test_bot_errors_are_readable_and_never_show_the_token(panel, prepared):
     again = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
     assert again["state"] == "running" and again["last_error"] is None
     assert client.predict(api_name="/stop_bot")["state"] == "stopped"
+
+
+LONG_TEXT = " ".join(
+    [
+        "This is a long announcement from the avatar, read out through the panel's API.",
+        "It goes on for a while, sentence after sentence, so that there is plenty of time to interrupt it.",
+        "The operator listens for a moment, decides that it has heard enough, and presses Stop speaking.",
+        "Everything after that point is dropped, and nobody should ever hear the end of it.",
+    ]
+    * 2
+)
+
+
+def open_viewer(client: Client, status: dict) -> dict:
+    """A viewer on the bot's local page (a candidate-free offer: its pipeline runs, no media flows)."""
+    answer = httpx.post(status["url"] + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=30)
+    assert answer.status_code == 200, answer.text
+    live = poll(
+        lambda: bot_by_id(client, status["bot_id"]), lambda s: s["viewers"] == 1 and s["frames"] > 0, timeout=60
+    )  # fmt: skip
+    assert live["viewers"] == 1 and live["frames"] > 0 and live["state"] == "running", live
+    return live
+
+
+def bot_by_id(client: Client, bot_id: str) -> dict:
+    return next(b for b in client.predict(api_name="/list_bots") if b["bot_id"] == bot_id)
+
+
+def test_a_say_bot_speaks_and_stops_through_the_api(panel, prepared):
+    client = panel.client
+    config = client.predict(api_name="/bot_config")
+    assert config["config"] == "configs/bot/conversation.yaml", config
+    assert config["tts"] == {"service": "espeak", "voice": "en-us"}, config
+    assert config["stt"]["api_key_env"] == "STT_API_KEY" and config["llm"]["api_key_env"] == "LLM_API_KEY"
+    assert config["llm"]["base_url"] == "http://127.0.0.1:11434/v1" and config["llm"]["model"] == "llama3.2"
+    for role in ("stt", "llm", "tts"):  # variable names only: no field holds a key
+        assert set(config[role]) <= {"service", "base_url", "model", "api_key_env", "voice", "language"}, config
+
+    status = client.predict("astro", "local", "", "", "say", 0, "127.0.0.1", api_name="/start_bot")
+    assert status["state"] == "running" and status["mode"] == "say", status
+    bot = status["bot_id"]
+    message = app_error(lambda: client.predict(bot, "Hello.", api_name="/say"))
+    assert_operator_message(message, "Nobody is watching", status["url"])
+    open_viewer(client, status)
+
+    t0 = time.monotonic()
+    client.predict(bot, LONG_TEXT, api_name="/say")  # no output: the page's Speak box is cleared instead
+    returned_s = time.monotonic() - t0
+    assert returned_s < 2.0, f"say returns at once, not after the speech ({returned_s:.1f} s)"
+    speaking = poll(lambda: client.predict(api_name="/bot_status"), lambda s: s["speaking"], timeout=20, every=0.2)
+    assert speaking["bot_id"] == bot and speaking["speaking"], speaking
+    mouth = poll(
+        lambda: client.predict(api_name="/bot_status"), lambda s: s["first_mouth_ms"] is not None, timeout=20, every=0.2
+    )  # fmt: skip
+    assert mouth["first_mouth_ms"] is not None and mouth["first_mouth_ms"] > 0, mouth
+    assert mouth["speaking"], f"the long text was over before it could be interrupted: {mouth}"
+
+    t_stop = time.monotonic()
+    client.predict(bot, api_name="/interrupt_bot")
+    quiet = poll(lambda: client.predict(api_name="/bot_status"), lambda s: not s["speaking"], timeout=1.5, every=0.1)
+    stopped_s = time.monotonic() - t_stop
+    assert not quiet["speaking"], f"still speaking {stopped_s:.1f} s after interrupt_bot: {quiet}"
+    assert quiet["state"] == "running", quiet
+    turns = poll(
+        lambda: client.predict(api_name="/bot_status")["transcript"],
+        lambda ts: any(t["role"] == "avatar" and t["interrupted"] for t in ts),
+        timeout=10,
+    )  # fmt: skip
+    assert any(t["role"] == "avatar" and t["interrupted"] for t in turns), turns
+    assert "end of it" not in " ".join(t["text"] for t in turns), "what was queued after the interruption was dropped"
+
+    client.predict(bot, "Hello again.", api_name="/say")
+    again = poll(
+        lambda: client.predict(api_name="/bot_status"),
+        lambda s: any(t["role"] == "avatar" and "Hello again" in t["text"] for t in s["transcript"]),
+        timeout=60,
+    )  # fmt: skip
+    assert any(t["role"] == "avatar" and "Hello again" in t["text"] for t in again["transcript"]), again
+    done = poll(lambda: client.predict(api_name="/bot_status"), lambda s: not s["speaking"], timeout=60)
+    assert not done["speaking"] and done["state"] == "running", done
+
+    assert_operator_message(app_error(lambda: client.predict(bot, "   ", api_name="/say")), "empty")
+    message = app_error(lambda: client.predict(bot, "a" * 10_000, api_name="/say"))
+    assert_operator_message(message, "10000 characters", "Split it")
+    mirror = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+    assert mirror["state"] == "running" and mirror["mode"] == "mirror", mirror
+    message = app_error(lambda: client.predict(mirror["bot_id"], "Hello.", api_name="/say"))
+    assert_operator_message(message, "mirror mode", "say or conversation")
+    assert bot_by_id(client, bot)["state"] == "running", "the say bot is not affected"
+    for bot_id in (mirror["bot_id"], bot):
+        assert client.predict(bot_id, api_name="/stop_bot_id")["state"] == "stopped"
+    print(
+        f"\npanel say: /say answered in {returned_s * 1000:.0f} ms, first mouth {mouth['first_mouth_ms']:.0f} ms, "
+        f"silent {stopped_s * 1000:.0f} ms after /interrupt_bot was called"
+    )
+
+
+def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_models_dir, tmp_path):
+    import yaml
+    from openai_standin import OpenAIStandIn, unreachable_url
+
+    secret = "sk-panel-secret-123"
+    avatars = tmp_path / "avatars"
+    shutil.copytree(panel.avatars / "astro", avatars / "astro")
+    answers: list = []  # every API answer, checked for the key at the end
+
+    with OpenAIStandIn(require_key=secret) as api:
+        data = yaml.safe_load(SHIPPED_BOT_CONFIG.read_text())
+        for role in ("stt", "llm"):
+            data[role].update(base_url=api.base_url, api_key_env="TEST_LLM_KEY")
+        config_file = tmp_path / "bot.yaml"
+        config_file.write_text(yaml.safe_dump(data, sort_keys=False))
+        on_disk = config_file.read_bytes()
+        server = PanelServer(
+            ["--bot-config", str(config_file)],
+            panel_env(tiny_models_dir, avatars, tmp_path, TEST_LLM_KEY=secret),
+            tmp_path / "app.log",
+        )
+        try:
+            server.wait_ready()
+            client = Client(server.url, verbose=False)
+
+            def call(*args, api_name: str):
+                result = client.predict(*args, api_name=api_name)
+                answers.append(result)
+                return result
+
+            def failure(*args, api_name: str) -> str:
+                message = app_error(lambda: client.predict(*args, api_name=api_name))
+                answers.append(message)
+                return message
+
+            shown = call(api_name="/bot_config")
+            assert shown["config"] == str(config_file), shown
+            assert shown["llm"] == {"service": "openai", "base_url": api.base_url, "model": "llama3.2", "api_key_env": "TEST_LLM_KEY"}  # fmt: skip
+            ready = call("conversation", api_name="/check_bot_config")
+            assert ready == "Ready for conversation: every service answers.", ready
+            ready = call("say", api_name="/check_bot_config")
+            assert ready == "Ready for say: every service answers.", ready
+            assert api.requests and all(r.api_key == secret for r in api.requests), "the key from $TEST_LLM_KEY is sent"
+
+            # Another LLM address for the next start, not saved: the check and the start both say where nothing answers.
+            dead = unreachable_url()
+            edits = [shown["system_prompt"], "openai", api.base_url, "whisper-1", dead, "llama3.2", "espeak", "en-us", ""]  # fmt: skip
+            call(*edits, api_name="/set_bot_config")  # no output: the page refreshes its fields
+            edited = call(api_name="/bot_config")
+            assert edited["llm"]["base_url"] == dead and edited["llm"]["api_key_env"] == "TEST_LLM_KEY", edited
+            assert edited["config"] == str(config_file) and edited["stt"] == shown["stt"]
+            assert config_file.read_bytes() == on_disk, "set_bot_config without saving leaves the file alone"
+            check = call("conversation", api_name="/check_bot_config")
+            assert check.startswith("Not ready for conversation") and f"No LLM answers at {dead}" in check, check
+            message = failure("astro", "local", "", "", "conversation", 0, "127.0.0.1", api_name="/start_bot")
+            assert_operator_message(message, f"No LLM answers at {dead}", "llm.base_url")
+            assert call(api_name="/bot_status")["state"] != "running"
+
+            edits[4] = api.base_url
+            call(*edits, api_name="/set_bot_config")
+            restored = call(api_name="/bot_config")
+            assert restored["llm"] == shown["llm"] and config_file.read_bytes() == on_disk
+            assert call("conversation", api_name="/check_bot_config").startswith("Ready for conversation")
+
+            status = call("astro", "local", "", "", "conversation", 0, "127.0.0.1", api_name="/start_bot")
+            assert status["state"] == "running" and status["mode"] == "conversation", status
+            answers.append(open_viewer(client, status))
+            answers.append(call(api_name="/list_bots"))
+            stopped = call(api_name="/stop_bot")
+            assert stopped["state"] == "stopped" and stopped["last_error"] is None, stopped
+        finally:
+            code = server.stop()
+        log = server.log.read_text()
+    assert code == 0, f"app.py exited with {code} after Ctrl-C:\n{log[-3000:]}"
+    assert all(r.api_key == secret for r in api.requests), "every request to the services carried the key"
+    for answer in answers:
+        assert secret not in json.dumps(answer), answer
+    assert secret not in log, "the key reached the panel's log"
+    assert config_file.read_bytes() == on_disk
 
 
 def test_render_returns_an_mp4(panel, prepared, videos):
@@ -413,7 +607,11 @@ def test_an_avatar_in_use_cannot_be_deleted_renamed_or_prepared_again(panel, pre
     for action, call in calls.items():
         message = app_error(call)
         assert_operator_message(
-            message, f"Cannot {action} avatar 'victim'", f"the local bot {status['bot_id']} (running", status["url"], "Stop the bot"
+            message,
+            f"Cannot {action} avatar 'victim'",
+            f"the local bot {status['bot_id']} (running",
+            status["url"],
+            "Stop the bot",
         )
     assert client.predict(api_name="/bot_status")["state"] == "running"
     assert client.predict(api_name="/stop_bot")["state"] == "stopped"
@@ -448,15 +646,21 @@ def test_damaged_avatars_are_listed_with_why_and_can_be_deleted(panel, prepared)
 
 
 def test_system_info_says_what_runs_where(panel):
-    info = panel.client.predict(api_name="/system_info")
+    # run alone, the panel may still be loading its models
+    info = poll(lambda: panel.client.predict(api_name="/system_info"), lambda i: i["models_state"] != "loading", 120)
     assert info["device"].startswith("cpu") and info["missing"] == []
     assert info["models_state"].startswith("ready")
     assert {"torch", "pipecat-ai", "gradio"} <= set(info["versions"])
-    # every part is there except DWPose, which the tiny model set does not have (optional)
-    assert all(part["present"] for part in info["weights"] if "DWPose" not in part["part"])
+    # every required part is there; the tiny model set has none of the optional ones (DWPose, the Piper voice)
+    assert all(part["present"] for part in info["weights"] if part["required"]), info["weights"]
+    absent = [part["part"] for part in info["weights"] if not part["present"]]
+    assert absent and all("(optional" in name for name in absent), absent
     files = {f["file"]: f for f in info["weight_files"]}
     assert files["musetalkV15/unet.pth"]["state"] == "present" and files["musetalkV15/unet.pth"]["size"] > 0
-    assert files["dwpose/dw-ll_ucoco_384.onnx"]["state"] == "missing" and not files["dwpose/dw-ll_ucoco_384.onnx"]["required"]
+    assert (
+        files["dwpose/dw-ll_ucoco_384.onnx"]["state"] == "missing"
+        and not files["dwpose/dw-ll_ucoco_384.onnx"]["required"]
+    )
     assert info["fetch_command"] == "bash download_weights.sh"
 
 
@@ -547,7 +751,9 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
                 assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
                 assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
                 assert "manifest.json is missing" in page.evaluate("document.body.innerText")
-                assert _wait_js(page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')")
+                assert _wait_js(
+                    page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')"
+                )
             _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
