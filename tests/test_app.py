@@ -355,8 +355,9 @@ def test_a_say_bot_speaks_and_stops_through_the_api(panel, prepared):
     open_viewer(client, status)
 
     t0 = time.monotonic()
-    client.predict(bot, LONG_TEXT, api_name="/say")  # no output: the page's Speak box is cleared instead
+    said = client.predict(bot, LONG_TEXT, api_name="/say")
     returned_s = time.monotonic() - t0
+    assert said["bot_id"] == bot and said["mode"] == "say", said
     assert returned_s < 2.0, f"say returns at once, not after the speech ({returned_s:.1f} s)"
     speaking = poll(lambda: client.predict(api_name="/bot_status"), lambda s: s["speaking"], timeout=20, every=0.2)
     assert speaking["bot_id"] == bot and speaking["speaking"], speaking
@@ -367,7 +368,7 @@ def test_a_say_bot_speaks_and_stops_through_the_api(panel, prepared):
     assert mouth["speaking"], f"the long text was over before it could be interrupted: {mouth}"
 
     t_stop = time.monotonic()
-    client.predict(bot, api_name="/interrupt_bot")
+    assert client.predict(bot, api_name="/interrupt_bot")["state"] == "running"
     quiet = poll(lambda: client.predict(api_name="/bot_status"), lambda s: not s["speaking"], timeout=1.5, every=0.1)
     stopped_s = time.monotonic() - t_stop
     assert not quiet["speaking"], f"still speaking {stopped_s:.1f} s after interrupt_bot: {quiet}"
@@ -453,10 +454,11 @@ def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_mo
             # Another LLM address for the next start, not saved: the check and the start both say where nothing answers.
             dead = unreachable_url()
             edits = [shown["system_prompt"], "openai", api.base_url, "whisper-1", dead, "llama3.2", "espeak", "en-us", ""]  # fmt: skip
-            call(*edits, api_name="/set_bot_config")  # no output: the page refreshes its fields
+            answer = call(*edits, api_name="/set_bot_config")
             edited = call(api_name="/bot_config")
+            assert answer == edited
             assert edited["llm"]["base_url"] == dead and edited["llm"]["api_key_env"] == "TEST_LLM_KEY", edited
-            assert edited["config"] == str(config_file) and edited["stt"] == shown["stt"]
+            assert edited["config"] == f"{config_file} (as edited in the panel, not saved)" and edited["stt"] == shown["stt"]
             assert config_file.read_bytes() == on_disk, "set_bot_config without saving leaves the file alone"
             check = call("conversation", api_name="/check_bot_config")
             assert check.startswith("Not ready for conversation") and f"No LLM answers at {dead}" in check, check

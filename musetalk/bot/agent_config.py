@@ -25,6 +25,8 @@ import yaml
 from musetalk.errors import ConfigError
 
 DEFAULT_BOT_CONFIG = Path("configs/bot/conversation.yaml")
+EDITED = " (as edited in the panel, not saved)"
+_CHECKOUT = Path(__file__).resolve().parents[2]  # the repository, when running from a checkout
 MODES = ("mirror", "say", "conversation")
 MAX_SAY_CHARS = 2000  # one say() request; longer text is refused with a sentence (split it)
 MAX_PROMPT_CHARS = 8000
@@ -111,7 +113,7 @@ class BotConfig:
     stt: ServiceConfig = field(default_factory=lambda: ServiceConfig("stt", "openai", "http://127.0.0.1:8000/v1", "whisper-1"))
     llm: ServiceConfig = field(default_factory=lambda: ServiceConfig("llm", "openai", "http://127.0.0.1:11434/v1", "llama3.2"))
     tts: ServiceConfig = field(default_factory=lambda: ServiceConfig("tts", "espeak", voice="en-us"))
-    source: str | None = None  # the file it was read from (for sentences that say where to fix it)
+    source: str | None = field(default=None, compare=False)  # the file it was read from (sentences say where to fix it)
 
     def __post_init__(self) -> None:
         if not isinstance(self.system_prompt, str) or not self.system_prompt.strip():
@@ -154,7 +156,11 @@ class BotConfig:
                 raise ConfigError(f"{role}.service cannot be empty; use one of: {', '.join(SERVICES[role])}.")
             services[role] = replace(services[role], **{name: text})
         prompt = self.system_prompt if system_prompt is None else system_prompt
-        return replace(self, system_prompt=prompt, **services)
+        edited = replace(self, system_prompt=prompt, **services)
+        if edited == self:
+            return self
+        source = self.where if self.where.endswith(EDITED) else f"{self.where}{EDITED}"
+        return replace(edited, source=source)
 
 
 def parse_bot_config(data: Any, source: str = "the bot config") -> BotConfig:
@@ -193,9 +199,17 @@ def parse_bot_config(data: Any, source: str = "the bot config") -> BotConfig:
         raise ConfigError(f"{source}: {exc}") from None
 
 
+def default_bot_config_path() -> Path:
+    """`configs/bot/conversation.yaml` in the working folder, else the checkout's (started from elsewhere)."""
+    for candidate in (DEFAULT_BOT_CONFIG, _CHECKOUT / DEFAULT_BOT_CONFIG):
+        if candidate.is_file():
+            return candidate
+    return DEFAULT_BOT_CONFIG
+
+
 def load_bot_config(path: str | Path | None = None) -> BotConfig:
     """The bot config file (default `configs/bot/conversation.yaml`); a missing default gives the built-in one."""
-    path = Path(path) if path is not None else DEFAULT_BOT_CONFIG
+    path = Path(path) if path is not None else default_bot_config_path()
     if not path.is_file():
         if path == DEFAULT_BOT_CONFIG:
             return replace(BotConfig(), source=str(path))

@@ -9,6 +9,7 @@ action.
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import platform
 import re
@@ -30,7 +31,14 @@ import musetalk
 from musetalk import weights
 from musetalk.avatar.preview import PreviewCache
 from musetalk.avatar.store import AvatarStore
-from musetalk.bot.agent_config import BotConfig, KeyLookup, SpeechSetup, load_bot_config, save_bot_config
+from musetalk.bot.agent_config import (
+    BotConfig,
+    KeyLookup,
+    SpeechSetup,
+    default_bot_config_path,
+    load_bot_config,
+    save_bot_config,
+)
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import IceServerSpec
 from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
@@ -264,7 +272,8 @@ class Engine:
         """Use `config` for the next starts; with `save`, also write it to the bot config file (atomically)."""
         path = None
         if save:
-            path = save_bot_config(config, self.bot_config_path or Path(config.where))
+            path = save_bot_config(config, self.bot_config_path or default_bot_config_path())
+            config = dataclasses.replace(config, source=str(path))
         with self._cond:
             self._bot_config, self._bot_config_error = config, None
         return path

@@ -66,7 +66,7 @@ class LiveActions:
             transport: "local" (a page on this machine, no account) or "daily"
             room_url: the Daily room URL (daily only), e.g. https://your-domain.daily.co/room-name; other hosts are refused
             token: the Daily meeting token (daily, private rooms); never shown or logged
-            mode: "mirror" (lip-sync whoever speaks), "say" (speak the text sent with `say`) or "conversation" (STT -> LLM -> TTS from the bot config, barge-in); "speech" = "say"
+            mode: "mirror" (lip-sync whoever speaks), "say" (speak the text sent with `say`) or "conversation" (STT -> LLM -> TTS from the bot config, barge-in)
             local_port: port of the local page (0 = any free port)
             local_host: address of the local page (127.0.0.1: this machine only)
             latency_budget: seconds a frame may wait for the model before it is shown idle (audio waits with it)
@@ -80,7 +80,7 @@ class LiveActions:
             if not avatar:
                 raise AvatarError("Pick an avatar (prepare one in the Avatars tab first).")
             mode = "say" if mode == "speech" else (mode or "mirror")
-            speech = self.engine.speech_setup() if mode in ("say", "conversation") else None
+            speaking = self.engine.speech_setup() if mode in ("say", "conversation") else None
             if transport == "daily":
                 settings = TransportSettings(kind="daily", room_url=room_url, token=token)
             else:
@@ -99,7 +99,7 @@ class LiveActions:
             self.engine.refuse_if_preparing(avatar)
             progress(0.5, desc="Starting the bot")
             self.engine.clear_history()
-            status = runner.start(avatar, settings, live, avatar_store=self.store, speech=speech)
+            status = runner.start(avatar, settings, live, avatar_store=self.store, speech=speaking)
         except MuseTalkError as exc:
             secrets = [token, *self.engine.speech_secrets()]
             text = str(exc)

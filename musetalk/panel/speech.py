@@ -60,7 +60,8 @@ class SpeechActions:
         Returns:
             the configuration (JSON)
         """
-        return {**self.engine.bot_config().describe(), **self.engine.bot_config().to_mapping()}
+        config = self.engine.bot_config()
+        return {"config": config.where, **config.to_mapping(), "summary": config.describe()}
 
     @operator_errors
     def set_bot_config(
@@ -113,6 +114,8 @@ class SpeechActions:
         """
         from musetalk.bot.agent import check_services
 
+        if mode not in ("say", "conversation", "mirror", "speech", None, ""):
+            raise ConfigError(f"Unknown mode {mode!r}: check_bot_config takes say or conversation.")
         mode = "say" if mode in ("say", "speech") else "conversation"
         try:
             check_services(self.engine.speech_setup(), mode)
@@ -158,6 +161,7 @@ def build() -> SimpleNamespace:
             say_btn = gr.Button("Say", variant="primary", elem_id="say-btn")
             interrupt_btn = gr.Button("Stop speaking", variant="stop", elem_id="interrupt-btn")
     transcript_md = gr.Markdown(transcript_view(None), elem_id="transcript")
+    result_json = gr.JSON(visible=False)  # what say / interrupt_bot / set_bot_config return to API callers
     with gr.Accordion("Speech services (say / conversation)", open=False):
         config_md = gr.Markdown(elem_id="bot-config")
         system_prompt = gr.Textbox(label="System prompt", lines=3)
@@ -186,21 +190,25 @@ def wire(actions: SpeechActions, c: SimpleNamespace, picked_bot: gr.Dropdown, mo
          demo_load) -> None:  # fmt: skip
     """Say / Stop speaking act on the picked bot; the transcript follows it every second."""
     c.say_btn.click(
-        actions.say, [picked_bot, c.say_text], None, api_name="say", concurrency_limit=None
+        actions.say, [picked_bot, c.say_text], c.result_json, api_name="say", concurrency_limit=None
     ).success(lambda: "", None, c.say_text, api_visibility="private", queue=False)
-    c.say_text.submit(actions.say, [picked_bot, c.say_text], None, api_visibility="private", concurrency_limit=None)
-    c.interrupt_btn.click(actions.interrupt_bot, picked_bot, None, api_name="interrupt_bot", concurrency_limit=None)
+    c.say_text.submit(
+        actions.say, [picked_bot, c.say_text], c.result_json, api_visibility="private", concurrency_limit=None
+    ).success(lambda: "", None, c.say_text, api_visibility="private", queue=False)
+    c.interrupt_btn.click(
+        actions.interrupt_bot, picked_bot, c.result_json, api_name="interrupt_bot", concurrency_limit=None
+    )
     timer.tick(actions.transcript, picked_bot, c.transcript_md, api_visibility="private", show_progress="hidden")
     fields = [c.config_md, c.system_prompt, c.stt_service, c.stt_base_url, c.stt_model, c.llm_base_url, c.llm_model,
               c.tts_service, c.tts_voice]  # fmt: skip
     edits = [c.system_prompt, c.stt_service, c.stt_base_url, c.stt_model, c.llm_base_url, c.llm_model,
              c.tts_service, c.tts_voice, c.tts_base_url]  # fmt: skip
     demo_load(actions.config_fields, None, fields)
-    c.apply_btn.click(actions.set_bot_config, edits, None, api_name="set_bot_config").then(
+    c.apply_btn.click(actions.set_bot_config, edits, c.result_json, api_name="set_bot_config").then(
         actions.config_fields, None, fields, api_visibility="private"
     )
     c.save_btn.click(
-        lambda *values: actions.set_bot_config(*values, save=True), edits, None, api_visibility="private"
+        lambda *values: actions.set_bot_config(*values, save=True), edits, c.result_json, api_visibility="private"
     ).then(actions.config_fields, None, fields, api_visibility="private")
     c.check_btn.click(actions.check_bot_config, mode, c.check_md, api_name="check_bot_config")
     gr.api(actions.bot_config, api_name="bot_config", concurrency_limit=None)
