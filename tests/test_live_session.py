@@ -206,3 +206,43 @@ def test_stats_say_when_the_service_has_more_sessions_than_it_serves(avatar):
     session.on_result(FrameResult("s1", frame_cost_s=0.01, capacity=4, sessions=6))
     stats = session.stats()
     assert not stats.realtime and "serves 4 sessions at 25 fps; 6 are running" in stats.warning
+
+
+def _tts_timeline(avatar, frame_cost_s: float, budget_s: float = 1.0) -> tuple[float, list[float]]:
+    """A 2 s TTS utterance arriving at once; the service answers one frame per `frame_cost_s` (simulated).
+    Returns when the utterance arrived and when each of its frames was handed on."""
+    clock, requests, out_times = Clock(), [], []
+    session = make(avatar, clock, requests, mode="say", latency_budget_s=budget_s)
+    rng = np.random.default_rng(5)
+    tts = (rng.standard_normal(16000 * 2) * 3000).astype(np.int16)
+    start = clock.t
+    session.push_audio(tts.astype(np.float32) / 32768.0, original=tts.tobytes(), rate=16000, context_id="c")
+    session.end_utterance()
+    items = [it for r in requests for it in r.items]
+    h, w = session.size[1], session.size[0]
+    step, next_answer, k = 0.005, start + frame_cost_s, 0
+    while clock.t < start + 6.0:
+        clock.t += step
+        while k < len(items) and clock.t >= next_answer:  # the slow device finishes frames one by one
+            session.on_result(FrameResult("s1", images={items[k].seq: np.full((h, w, 3), 9, np.uint8)},
+                                          frame_cost_s=frame_cost_s, capacity=1, sessions=1))  # fmt: skip
+            k, next_answer = k + 1, next_answer + frame_cost_s
+        out_times += [clock.t for o in session.pop_due() if o.audio is not None]
+    return start, out_times
+
+
+def test_a_tts_utterance_never_stutters_on_a_device_slower_than_real_time(avatar):
+    """Started the moment its first image is ready, a slow device would hand the rest on at its own pace
+    (gaps in the voice); it starts at its due time instead, and then every 40 ms."""
+    start, times = _tts_timeline(avatar, frame_cost_s=0.1, budget_s=1.0)
+    assert len(times) == 50
+    assert times[0] >= start + 1.0 - 1e-6, "the first frame waits for its due time"
+    playing_until = times[0]
+    for t in times:  # played in real time, 40 ms each: every frame is there before the audio ahead of it ends
+        assert t <= playing_until + 0.006, f"the voice pauses {(t - playing_until) * 1000:.0f} ms"
+        playing_until = max(playing_until, t) + FRAME_SECONDS
+
+
+def test_a_device_that_keeps_real_time_starts_the_utterance_as_soon_as_it_is_ready(avatar):
+    start, times = _tts_timeline(avatar, frame_cost_s=0.02, budget_s=1.0)
+    assert len(times) == 50 and times[0] - start < 0.1, "no waiting for the budget on a fast device"

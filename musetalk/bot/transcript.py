@@ -98,6 +98,7 @@ class TranscriptObserver(BaseObserver):
         self._avatar_turn: Turn | None = None  # the reply being spoken
         self._avatar_context: str | None = None  # its TTS context (one per say request or LLM reply)
         self._audio_started_at: float | None = None
+        self._cut_off: deque[str] = deque(maxlen=16)  # TTS contexts an interruption ended
         self._bot_speaking = False
         self._replying = False  # the LLM started a reply that has not been heard in full yet
 
@@ -131,6 +132,8 @@ class TranscriptObserver(BaseObserver):
     def _on_spoken(self, frame, now: float) -> None:
         """What the avatar hands on, as it is shown: its audio, then each sentence's text after that audio."""
         context_id = getattr(frame, "context_id", None)
+        if context_id is not None and context_id in self._cut_off:
+            return  # a frame of a cut-off turn that was on its way when the interruption came
         if isinstance(frame, TTSAudioRawFrame):
             if not self._bot_speaking:
                 self._bot_speaking, self._audio_started_at = True, now
@@ -157,6 +160,8 @@ class TranscriptObserver(BaseObserver):
             self._user_stopped_at = None
 
     def _on_interruption(self) -> None:
+        if self._avatar_context is not None:
+            self._cut_off.append(self._avatar_context)
         if (self._bot_speaking or self._replying) and self._avatar_turn is not None:
             self._transcript.update(self._avatar_turn, interrupted=True)
         self._bot_speaking = False

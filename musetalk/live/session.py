@@ -208,6 +208,7 @@ class LiveSession:
         self._out_rate = AUDIO_SAMPLE_RATE
         self._context_id: str | None = None
         self._next_idle = clock()
+        self._playing_until = -1e9  # when the audio handed on so far ends, played in real time
         self._timing = _Timing()
 
     # ------------------------------------------------------------------ audio in
@@ -324,11 +325,12 @@ class LiveSession:
         out: list[OutputFrame] = []
         while self._entries:
             head = self._entries[0]
-            if not (head.image is not None or not head.speech or head.late or now >= head.due):
+            if now < self._leaves_at(head, now):
                 return out
             self._entries.popleft()
             self._waiting.pop(head.seq, None)
             out.append(self._entry_output(head, now))
+            self._playing_until = max(self._playing_until, now) + FRAME_SECONDS
             self._next_idle = now + 2 * FRAME_SECONDS
         if now >= self._next_idle:
             out.append(self._idle_tick(now))
@@ -338,9 +340,31 @@ class LiveSession:
     def next_deadline(self) -> float:
         """When `pop_due` may next return something if no audio or answer arrives meanwhile."""
         if self._entries:
-            head = self._entries[0]
-            return self._clock() if (head.image is not None or not head.speech or head.late) else head.due
+            now = self._clock()
+            return self._leaves_at(self._entries[0], now)
         return self._next_idle
+
+    def _leaves_at(self, head: _Entry, now: float) -> float:
+        """When the oldest entry may leave: at once when ready (or silent, or given up), else at its due time.
+
+        Except a ready speech frame that would start the audio anew (what was handed on has played out,
+        as when a TTS utterance begins) on a device slower than real time: it waits for its due time.
+        Once audio plays, each later frame must be there before the audio ahead of it ends; started
+        early, a slow device would hand the rest on at its own pace and the voice would stutter.
+        """
+        if not head.speech or head.late:
+            return now
+        if head.image is None:
+            return head.due
+        starting = now > self._playing_until + FRAME_SECONDS
+        return head.due if starting and not self._keeps_real_time() else now
+
+    def _keeps_real_time(self) -> bool:
+        t = self._timing
+        if t.frame_cost_s is None:
+            return True  # not measured yet: no reason to hold frames back
+        within_capacity = t.capacity is None or t.sessions is None or t.sessions <= max(t.capacity, 1)
+        return t.frame_cost_s <= FRAME_SECONDS and within_capacity
 
     @property
     def pending(self) -> int:
