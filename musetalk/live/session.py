@@ -362,7 +362,7 @@ class LiveSession:
     def _keeps_real_time(self) -> bool:
         t = self._timing
         if t.frame_cost_s is None:
-            return True  # not measured yet: no reason to hold frames back
+            return False  # not measured yet: the first utterance waits for its due time rather than risk a stutter
         within_capacity = t.capacity is None or t.sessions is None or t.sessions <= max(t.capacity, 1)
         return t.frame_cost_s <= FRAME_SECONDS and within_capacity
 
