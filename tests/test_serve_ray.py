@@ -462,7 +462,9 @@ def test_a_say_bot_in_a_worker_process_speaks_and_stops(ray_client, avatar_store
         assert answer.status_code == 200, answer.text
         assert wait_until(lambda: runner.status(status.bot_id).frames > 10, 60), runner.status(status.bot_id)
         runner.say(status.bot_id, "This is the worker speaking, for a good few seconds, so it can be stopped.")
-        assert wait_until(lambda: runner.status(status.bot_id).speaking, 20), runner.status(status.bot_id)
+        heard = lambda: any(t["role"] == "avatar" for t in runner.status(status.bot_id).transcript)  # noqa: E731
+        assert wait_until(heard, 30), runner.status(status.bot_id)
+        assert runner.status(status.bot_id).speaking
         runner.interrupt(status.bot_id)
         assert wait_until(lambda: not runner.status(status.bot_id).speaking, 3), runner.status(status.bot_id)
         final = runner.status(status.bot_id)
