@@ -700,7 +700,9 @@ def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, video
 TABS = {
     # tab: labels that must be on screen once it is open
     "Avatars": ["Video", "bbox_shift (px)", "extra_margin (px)", "Blend mask", "Cheek width", "Max side (px)", "Landmarks", "Preview", "Avatar name", "Prepare", "Cancel preparation", "Library"],
-    "Live": ["Avatar", "Transport", "Local page on this machine", "Daily room", "Mode", "Start", "Stop", "Frames per second", "Mouth latency"],
+    "Live": ["Avatar", "Transport", "Local page on this machine", "Daily room", "Mode", "Say: speak the text you type",
+             "Conversation: answer with an LLM", "Start", "Stop", "Frames per second", "Mouth latency", "Speak",
+             "Stop speaking", "Transcript", "Speech services (say / conversation)"],
     "Render": ["Avatar", "Speech", "Render", "Lip-synced video"],
     "System": ["Device", "Weights", "MuseTalk v1.5 UNet", "bash download_weights.sh", "Load models", "Fetch weights", "Weight files"],
 }  # fmt: skip
