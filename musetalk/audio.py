@@ -57,7 +57,9 @@ def positional_encoding(length: int, dim: int) -> torch.Tensor:
 
 
 class AudioFeatureEncoder:
-    """Runs the whisper encoder on 30 s windows; shared by the file and live paths."""
+    """Runs the whisper encoder on 30 s windows (the file path: render, previews, `generate_video_frame`).
+
+    The live path batches its sessions' windows through `musetalk.live.features.WindowEncoder` instead."""
 
     def __init__(self, whisper, feature_extractor, device: torch.device, dtype: torch.dtype):
         self.whisper = whisper
