@@ -23,6 +23,11 @@ import signal
 import sys
 import threading
 import time
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # musetalk is imported once the packages it needs are checked (run_checks)
+    from musetalk.bot.manager import BotManager
+    from musetalk.live.backend import GenerationBackend
 
 LOG_FILE = "musetalk_pipecat.log"
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
@@ -250,7 +255,7 @@ def check_backend(spec: str) -> None:
         raise BackendError(f"--backend {spec} needs Ray, which is not installed here. Install it with: {INSTALL_HINT}")
 
 
-def read_say_lines(runner, stream=None) -> threading.Thread:
+def read_say_lines(runner: BotManager, stream=None) -> threading.Thread:
     """Say mode on the command line: each line typed is said; "/stop" interrupts."""
     from loguru import logger
 
@@ -283,11 +288,12 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
     from musetalk.bot.workers import make_bot_runner
     from musetalk.config import ModelPaths, models_dir_from_env, runtime_from_env
     from musetalk.models import load_models
+    from musetalk.serve.backend import make_backend
 
     if not args.skip_checks:
         run_checks(daily=transport.kind == "daily")
     if speech is not None:  # before the models load: a wrong address or key fails at once, with its sentence
-        from musetalk.bot.runner import check_speech
+        from musetalk.bot.manager import check_speech
 
         check_speech(live, speech)
     check_avatar(entries[0], args.config)
@@ -297,20 +303,13 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
     if speech is not None:
         logger.info("Mode {}: {}", args.mode, "; ".join(f"{k} {v}" for k, v in speech.config.describe().items()))
 
-    from musetalk.live.service import GenerationService
-
-    if args.backend == "inproc":
-        service = GenerationService(models, service_settings)
-    else:
-        from musetalk.serve.backend import make_backend
-
-        logger.info("Generation backend: {}", args.backend)
-        service = make_backend(
-            args.backend, models=models, models_dir=models_dir_from_env(), runtime=runtime_from_env(),
-            settings=service_settings,
-        )  # fmt: skip
+    logger.info("Generation backend: {}", args.backend)
+    service: GenerationBackend = make_backend(
+        args.backend, models=models, models_dir=models_dir_from_env(), runtime=runtime_from_env(),
+        settings=service_settings,
+    )  # fmt: skip
     # On `--backend ray` the bot runs in a worker process of its own on this machine (musetalk/bot/workers.py).
-    runner = make_bot_runner(models, service, backend=args.backend)
+    runner: BotManager = make_bot_runner(models, service, backend=args.backend)
     try:
         status = runner.start(avatar, transport, live, speech=speech)
         if live.mode in ("say", "speech"):

@@ -51,3 +51,15 @@ class BackendError(MuseTalkError):
 
 class ServiceUnavailableError(MuseTalkError):
     """A speech or language service named in the bot config does not answer, or refuses the key."""
+
+
+class WeightsError(MuseTalkError):
+    """A weight file could not be fetched, or arrived damaged."""
+
+
+class PreparationCancelled(MuseTalkError):
+    """The operator cancelled an avatar preparation; nothing was written."""
+
+
+class AvatarNotHeldError(MuseTalkError):
+    """A generation replica has neither the avatar's bytes nor a shared copy: the caller sends them."""

@@ -17,6 +17,7 @@ from loguru import logger
 
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
 from musetalk.errors import ConfigError, MissingWeightsError
+from musetalk.weight_files import build_registry
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DConditionModel
@@ -75,10 +76,7 @@ WHISPER_TINY_CONFIG: dict[str, Any] = {
     "max_target_positions": 448,
 }
 
-_VAE_WEIGHT_NAMES = ("diffusion_pytorch_model.safetensors", "diffusion_pytorch_model.bin")
-_WHISPER_WEIGHT_NAMES = ("model.safetensors", "pytorch_model.bin")
 FACE_PARSING_WEIGHTS = "79999_iter.pth"
-LANDMARK_FILES = ("face_detection_short_range.tflite", "face_landmark.tflite")
 
 
 def resolve_runtime(settings: RuntimeSettings) -> tuple[torch.device, torch.dtype]:
@@ -119,28 +117,20 @@ def _check_file(path: Path, problems: list[str]) -> None:
 def check_weights(paths: ModelPaths, *, include_optional: bool = False) -> list[str]:
     """Every missing or empty required file, as readable lines (empty list when all are there).
 
-    Face parsing is optional: without it avatars use the landmark-polygon mask.
+    The files are the registry's (`musetalk.weight_files`): the required ones, and with
+    `include_optional` the optional ones these models load too (face parsing: without it
+    avatars use the landmark-polygon mask).
     """
     problems: list[str] = []
-    _check_file(paths.unet_config, problems)
-    _check_file(paths.unet_weights, problems)
-    _check_file(paths.vae_dir / "config.json", problems)
-    vae_weights = _first_existing(paths.vae_dir, _VAE_WEIGHT_NAMES)
-    if vae_weights is None:
-        problems.append(f"missing {paths.vae_dir / _VAE_WEIGHT_NAMES[1]} (or .safetensors)")
-    else:
-        _check_file(vae_weights, problems)
-    _check_file(paths.whisper_dir / "config.json", problems)
-    _check_file(paths.whisper_dir / "preprocessor_config.json", problems)
-    whisper_weights = _first_existing(paths.whisper_dir, _WHISPER_WEIGHT_NAMES)
-    if whisper_weights is None:
-        problems.append(f"missing {paths.whisper_dir / _WHISPER_WEIGHT_NAMES[1]} (or model.safetensors)")
-    else:
-        _check_file(whisper_weights, problems)
-    for name in LANDMARK_FILES:
-        _check_file(paths.face_landmarks_dir / name, problems)
-    if include_optional:
-        _check_file(paths.face_parsing_dir / FACE_PARSING_WEIGHTS, problems)
+    for spec in build_registry():
+        if not (spec.required or (include_optional and spec.loaded)):
+            continue
+        target = paths.models_dir / spec.target
+        found = _first_existing(target.parent, (target.name, *spec.alternates))
+        if found is None and spec.alternates:
+            problems.append(f"missing {target} (or {', '.join(spec.alternates)})")
+        else:
+            _check_file(found or target, problems)
     return problems
 
 

@@ -246,3 +246,15 @@ def test_a_tts_utterance_never_stutters_on_a_device_slower_than_real_time(avatar
 def test_a_device_that_keeps_real_time_starts_the_utterance_as_soon_as_it_is_ready(avatar):
     start, times = _tts_timeline(avatar, frame_cost_s=0.02, budget_s=1.0)
     assert len(times) == 50 and times[0] - start < 0.1, "no waiting for the budget on a fast device"
+
+
+def test_a_large_budget_starts_the_utterance_once_the_rest_will_be_in_time_not_at_the_budget(avatar):
+    """Budget 60 s, 100 ms a frame, 2 s of speech: the voice starts when the frames still to make will be ready
+    before their turn to play (about 3 s in), and plays without a pause."""
+    start, times = _tts_timeline(avatar, frame_cost_s=0.1, budget_s=60.0)
+    assert len(times) == 50
+    assert 2.0 < times[0] - start < 4.0, times[0] - start
+    playing_until = times[0]
+    for t in times:
+        assert t <= playing_until + 0.006, f"the voice pauses {(t - playing_until) * 1000:.0f} ms"
+        playing_until = max(playing_until, t) + FRAME_SECONDS

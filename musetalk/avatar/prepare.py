@@ -27,7 +27,7 @@ from loguru import logger
 
 from musetalk.avatar.store import AvatarManifest, AvatarStore, now_iso, validate_name
 from musetalk.config import VIDEO_FPS, PrepareSettings
-from musetalk.errors import AvatarError, MissingWeightsError, MuseTalkError, NoFaceError
+from musetalk.errors import AvatarError, MissingWeightsError, NoFaceError, PreparationCancelled
 from musetalk.face.box import bbox_shift_range, crop_box, face_box, nearest_good
 from musetalk.face.dwpose import DWPose
 from musetalk.face.landmarks import FaceLandmarker
@@ -39,10 +39,6 @@ from musetalk.models import Models
 ProgressCallback = Callable[[float, str], None]
 _ENCODE_BATCH = 8
 _LATENT_SEED = 0
-
-
-class PreparationCancelled(MuseTalkError):
-    """The operator cancelled; nothing was written."""
 
 
 SOURCE_DWPOSE = "dwpose"

@@ -64,6 +64,7 @@ from musetalk.config import (
 )
 from musetalk.errors import ConfigError
 from musetalk.generate import LipSyncGenerator
+from musetalk.live.backend import GenerationBackend
 from musetalk.live.requests import FrameResult
 from musetalk.live.service import GenerationService, ServiceSettings, new_session_id
 from musetalk.live.session import (
@@ -102,8 +103,8 @@ class MuseTalkProcessor(FrameProcessor):
 
     Put it after the audio it should lip-sync: `transport.input() -> VADProcessor -> this ->
     transport.output()` (mirror mode), or after a TTS service (speech mode). Pass `service=`
-    to share one generation service between bots; by default the processor joins the
-    process's service for its models.
+    (any `GenerationBackend`: in process or on Ray) to share one backend between bots; by default
+    the processor joins the process's service for its models.
     """
 
     def __init__(
@@ -114,7 +115,7 @@ class MuseTalkProcessor(FrameProcessor):
         avatar: Avatar | None = None,
         settings: LiveSettings | None = None,
         avatar_store: AvatarStore | None = None,
-        service: GenerationService | None = None,
+        service: GenerationBackend | None = None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -211,7 +212,7 @@ class MuseTalkProcessor(FrameProcessor):
         return self._avatar
 
     @property
-    def service(self) -> GenerationService | None:
+    def service(self) -> GenerationBackend | None:
         return self._service
 
     def stats(self) -> LiveStats:

@@ -23,12 +23,14 @@ import statistics
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore, validate_name
+from musetalk.bot.daily import daily_error_message
+from musetalk.bot.status import STATES, BotStatus, combine_stats
 from musetalk.bot.transcript import Transcript, TranscriptObserver
 from musetalk.bot.transports import LocalWebRTCServer, TransportSettings, make_daily_transport, make_local_transport
 from musetalk.config import AUDIO_SAMPLE_RATE
@@ -37,88 +39,19 @@ from musetalk.errors import CapacityError, ConfigError, MuseTalkError
 if TYPE_CHECKING:
     from musetalk.bot.agent_config import SpeechSetup
     from musetalk.bot.processor import LiveSettings, MuseTalkProcessor
-    from musetalk.live.service import GenerationService
+    from musetalk.live.backend import GenerationBackend
     from musetalk.models import Models
 
-STATES = ("stopped", "starting", "running", "stopping", "error")
+# BotStatus, STATES, combine_stats (musetalk/bot/status.py) and daily_error_message (musetalk/bot/daily.py)
+# lived here once: still importable from this module.
+__all__ = ["STATES", "BotRun", "BotStatus", "combine_stats", "daily_error_message", "readable"]
+
 _SESSION_END_TIMEOUT_S = 5.0
 _STATS_TIMEOUT_S = 0.5
 _DAILY_JOIN_SETTLE_S = 30.0  # a stopped bot still waits this long for its join to succeed or fail
 _DAILY_SESSION = "daily"
 _SAY_TIMEOUT_S = 2.0
 STATUS_TURNS = 30  # transcript turns in a status (the newest)
-
-
-@dataclass(frozen=True)
-class BotStatus:
-    """What the operator sees of one bot. Never holds the Daily token."""
-
-    state: str = "stopped"  # stopped | starting | running | stopping | error
-    avatar: str | None = None
-    transport: str | None = None  # local | daily
-    url: str | None = None  # the local page, when local
-    mode: str | None = None  # mirror | speech
-    viewer_connected: bool = False
-    uptime_s: float = 0.0
-    fps: float | None = None
-    frames: int = 0
-    mouth_latency_ms: float | None = None
-    realtime: bool | None = None
-    warning: str | None = None
-    last_error: str | None = None
-    bot_id: str | None = None
-    viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
-    room_url: str | None = None  # the Daily room (no token)
-    worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
-    model_ms_per_frame: float | None = None  # what one generated frame costs the device (slowest session)
-    # say / conversation modes
-    speaking: bool = False  # TTS audio is being lip-synced now
-    first_mouth_ms: float | None = None  # first TTS audio in -> first moving-mouth frame out (last utterance)
-    first_mouth_p95_ms: float | None = None
-    turn_latency_ms: float | None = None  # conversation: end of the user's speech -> first avatar audio (last reply)
-    turn_latency_p50_ms: float | None = None
-    transcript: tuple[dict, ...] = ()  # the newest turns: role user|avatar|error, text, at_s, interrupted, latency_ms
-    speech_config: dict | None = None  # the services it speaks with (no keys)
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-@dataclass(frozen=True)
-class _CombinedStats:
-    """Several viewers' `LiveStats` as one status line: mean fps, summed frames, worst latency."""
-
-    fps: float | None
-    frames: int
-    mouth_latency_ms: float | None
-    realtime: bool | None
-    warning: str | None
-    model_ms_per_frame: float | None = None
-    speaking: bool = False
-    first_mouth_ms: float | None = None
-    first_mouth_p95_ms: float | None = None
-
-
-def combine_stats(stats: list[Any]) -> _CombinedStats | None:
-    if not stats:
-        return None
-    fps = [s.fps for s in stats if getattr(s, "fps", None) is not None]
-    latency = [s.mouth_latency_ms for s in stats if getattr(s, "mouth_latency_ms", None) is not None]
-    realtime = [s.realtime for s in stats if getattr(s, "realtime", None) is not None]
-    warning = next((s.warning for s in stats if getattr(s, "warning", None)), None)
-    cost = [s.model_ms_per_frame for s in stats if getattr(s, "model_ms_per_frame", None) is not None]
-    mouth = [s for s in stats if getattr(s, "first_mouth_ms", None) is not None]
-    return _CombinedStats(
-        fps=round(sum(fps) / len(fps), 2) if fps else None,
-        frames=sum(int(getattr(s, "frames", 0) or 0) for s in stats),
-        mouth_latency_ms=max(latency) if latency else None,
-        realtime=all(realtime) if realtime else None,
-        warning=warning,
-        model_ms_per_frame=round(max(cost), 1) if cost else None,
-        speaking=any(getattr(s, "speaking", False) for s in stats),
-        first_mouth_ms=max(s.first_mouth_ms for s in mouth) if mouth else None,
-        first_mouth_p95_ms=max(s.first_mouth_p95_ms or s.first_mouth_ms for s in mouth) if mouth else None,
-    )
 
 
 @dataclass
@@ -153,7 +86,7 @@ class BotRun:
         avatar_name: str | None,
         *,
         bot_id: str,
-        service: GenerationService | None = None,
+        service: GenerationBackend | None = None,
         avatar_store: AvatarStore | None = None,
         speech: SpeechSetup | None = None,
     ) -> None:
@@ -626,11 +559,11 @@ class BotRun:
 
     def _check_capacity(self) -> None:
         """Refuse a viewer the shared service cannot serve in real time, before answering its offer."""
-        session_limit = getattr(self.service, "session_limit", None)
-        if session_limit is None:  # a remote backend admits (or refuses) when the session opens
+        service = self.service
+        if service is None:
             return
-        service, limit = self.service, session_limit()
-        if limit is None:
+        limit = service.session_limit()
+        if limit is None:  # not measured yet, or a remote backend that admits (or refuses) when the session opens
             return
         running = service.stats().sessions
         if running >= limit:
@@ -664,33 +597,6 @@ class BotRun:
 
         session = await self._start_session(key, processor, transport, connection=connection)
         session.avatar_name = avatar.name
-
-
-_DAILY_HINTS = (
-    (
-        ("lookup address", "name or service not known", "dns"),
-        "its address does not resolve (no internet, or a wrong Daily subdomain?)",
-    ),
-    (
-        ("unauthorized", "401", "403", "forbidden", "token", "not allowed", "ejected", "owner-only"),
-        "access was refused (a private room needs a valid --token)",
-    ),
-    (
-        ("not found", "404", "no such room", "does not exist", "not-found"),
-        "this room does not exist (check the room name)",
-    ),
-    (("timed out", "timeout"), "Daily did not answer in time (network or firewall?)"),
-    (("connect", "network", "unreachable"), "Daily cannot be reached from here (network or firewall?)"),
-)
-
-
-def daily_error_message(room_url: str, error: str) -> str:
-    """A Daily error as one sentence an operator can act on, with Daily's own words after it."""
-    lowered = error.lower()
-    hint = next((text for keys, text in _DAILY_HINTS if any(k in lowered for k in keys)), "Daily reported an error")
-    raw = " ".join(error.split())
-    raw = raw if len(raw) <= 300 else raw[:297] + "..."
-    return f"Daily: could not use the room {room_url}: {hint}. (Daily said: {raw})"
 
 
 async def _queue_say(session: _Session, text: str) -> None:

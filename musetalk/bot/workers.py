@@ -5,21 +5,19 @@ encoding) runs in a process of its own: bots no longer share one interpreter's G
 that dies, even by kill -9, takes nothing else with it; the panel shows its error. A worker
 holds no models: its sessions call the MuseTalk Serve app through a handle (`RayGenerationClient`).
 
-`WorkerBotRunner` has the surface of `BotRunner` (start, stop, stop_all, status, bots,
-running_ids, running, avatar_in_use, service_stats, join_closing, service), so the panel and
-start_pipecat_server.py drive either. Workers are pinned to this machine's node: the local page
-a worker serves is on this machine, and it reads avatars from this machine's avatar store. A
-process joined through Ray Client (`ray://HOST:PORT`) is no node of the cluster: there bots stay
-threads of this process (`make_bot_runner` decides) and only the frames come from the cluster.
+`WorkerBotRunner` is a `BotManager` like `BotRunner` (both are `BotManagerBase`s,
+musetalk/bot/manager.py), so the panel and start_pipecat_server.py drive either. Workers are
+pinned to this machine's node: the local page a worker serves is on this machine, and it reads
+avatars from this machine's avatar store. A process joined through Ray Client
+(`ray://HOST:PORT`) is no node of the cluster: there bots stay threads of this process
+(`make_bot_runner` decides) and only the frames come from the cluster.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import os
 import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -27,23 +25,16 @@ from typing import TYPE_CHECKING, Any
 from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore
-from musetalk.bot.run import BotStatus
-from musetalk.bot.runner import (
-    STOP_GRACE_S,
-    BotRunner,
-    check_speech,
-    ended_to_forget,
-    in_use_sentence,
-    no_such_bot,
-    pick_bot,
-    refuse_past_limit,
-)
+from musetalk.bot.manager import STOP_GRACE_S, BotManager, BotManagerBase, check_speech
+from musetalk.bot.runner import BotRunner
+from musetalk.bot.status import BotStatus
 from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
     from musetalk.bot.agent_config import SpeechSetup
     from musetalk.bot.processor import LiveSettings
+    from musetalk.live.backend import BackendStats, GenerationBackend
     from musetalk.models import Models
 
 __all__ = ["BotWorker", "WorkerBotRunner", "make_bot_runner", "uses_bot_workers"]
@@ -62,8 +53,9 @@ def uses_bot_workers(backend: str) -> bool:
 
 
 def make_bot_runner(
-    models: Models | None, service: Any, *, backend: str = "inproc", max_bots: int = 1, bot_cpus: float = 1.0
-) -> BotRunner | WorkerBotRunner:
+    models: Models | None, service: GenerationBackend, *, backend: str = "inproc", max_bots: int = 1,
+    bot_cpus: float = 1.0,
+) -> BotManager:
     """The bot manager for `backend`: threads of this process, or Ray worker processes (see the module docstring)."""
     if uses_bot_workers(backend):
         return WorkerBotRunner(service, max_bots=max_bots, bot_cpus=bot_cpus)
@@ -134,45 +126,49 @@ class _Worker:
     def alive(self) -> bool:
         return self.last.state in _ALIVE
 
+    @property
+    def state(self) -> str:
+        return self.last.state
 
-class WorkerBotRunner:
+    @property
+    def url(self) -> str | None:
+        return self.last.url
+
+    @property
+    def avatar_name(self) -> str | None:
+        return self.last.avatar
+
+    def avatar_names(self) -> set[str]:
+        return set(self.avatars)
+
+
+class WorkerBotRunner(BotManagerBase[_Worker]):
     """Start, stop and watch bots that each run in a Ray worker process (see the module docstring)."""
 
     def __init__(
-        self, service: Any, *, max_bots: int = 1, bot_cpus: float = 1.0, start_timeout_s: float = 90.0,
-        app_name: str | None = None,
+        self, service: GenerationBackend, *, max_bots: int = 1, bot_cpus: float = 1.0,
+        start_timeout_s: float = 90.0, app_name: str | None = None,
     ):  # fmt: skip
         import ray
 
         from musetalk.serve.deployment import APP_NAME
 
-        if max_bots < 1:
-            raise ConfigError("max_bots must be at least 1.")
+        super().__init__(max_bots=max_bots, start_timeout_s=start_timeout_s)
         if not ray.is_initialized():
             raise ConfigError("Bot workers need this process joined to a Ray cluster (make_backend('ray') does that).")
         self._service = service
-        self._max_bots = max_bots
         self._bot_cpus = bot_cpus
-        self._start_timeout_s = start_timeout_s
         self._app_name = app_name or APP_NAME
         self._node_id = ray.get_runtime_context().get_node_id()
-        self._lock = threading.Lock()
-        self._workers: dict[str, _Worker] = {}
-        self._ids = itertools.count(1)
-        self._closing: list[threading.Thread] = []
         self._actor_class = ray.remote(BotWorker)
 
     # ---------------------------------------------------------------- the shared service
     @property
-    def service(self) -> Any:
+    def service(self) -> GenerationBackend:
         return self._service
 
-    def service_stats(self) -> Any:
+    def service_stats(self) -> BackendStats:
         return self._service.stats()
-
-    @property
-    def max_bots(self) -> int:
-        return self._max_bots
 
     # ---------------------------------------------------------------- start / stop
     def start(
@@ -199,15 +195,12 @@ class WorkerBotRunner:
         store_root = store.root
         if not store.exists(name):
             raise MuseTalkError(f"Avatar {name!r} is not in {store_root}; prepare it first (Avatars tab).")
-        with self._lock:
-            self._refuse_past_limit()
-            bot_id = f"bot-{next(self._ids)}"
-            worker = _Worker(bot_id, None, transport_settings, self._starting_status(bot_id, name, transport_settings, live))
-            worker.avatars = {name}
-            self._workers[bot_id] = worker
-            self._forget_old_workers()
-        self._wait_for_closing(transport_settings)
-        logger.info("Starting bot {} in a worker process: avatar {}, {}", bot_id, name, transport_settings)
+        worker = self._add(
+            lambda bot_id: _Worker(bot_id, None, transport_settings,
+                                   self._starting_status(bot_id, name, transport_settings, live), avatars={name})
+        )  # fmt: skip
+        self._wait_for_closing_pages(transport_settings)
+        logger.info("Starting bot {} in a worker process: avatar {}, {}", worker.bot_id, name, transport_settings)
         try:
             worker.actor = self._new_actor(str(store_root))
             worker.pid = self._get(worker.actor.pid.remote(), self._start_timeout_s, worker, "start its process")
@@ -245,13 +238,6 @@ class WorkerBotRunner:
         return BotStatus(state="starting", avatar=name, transport=settings.kind, mode=live.mode, bot_id=bot_id,
                          room_url=settings.room_url)  # fmt: skip
 
-    def _refuse_past_limit(self) -> None:
-        refuse_past_limit([(w.last.state, w.last.avatar) for w in self._workers.values() if w.alive], self._max_bots)
-
-    def _forget_old_workers(self) -> None:
-        for bot_id in ended_to_forget({bot_id: w.alive for bot_id, w in self._workers.items()}):
-            del self._workers[bot_id]
-
     def stop(self, bot_id: str | None = None, timeout: float = STOP_GRACE_S) -> BotStatus:
         """Stop a bot (the newest running one when `bot_id` is None); its process ends once its teardown is done."""
         worker = self._find(bot_id)
@@ -275,11 +261,6 @@ class WorkerBotRunner:
         self._close_in_background(worker)
         return worker.last
 
-    def stop_all(self, timeout: float = STOP_GRACE_S) -> list[BotStatus]:
-        with self._lock:
-            alive = [bot_id for bot_id, w in self._workers.items() if w.alive]
-        return [self.stop(bot_id, timeout=timeout) for bot_id in alive]
-
     def _close_in_background(self, worker: _Worker) -> None:
         """End the worker's process after its teardown (a Daily call still leaving) without blocking the caller."""
         actor, worker.actor, worker.gone = worker.actor, None, True
@@ -295,24 +276,7 @@ class WorkerBotRunner:
 
         thread = threading.Thread(target=close, name=f"musetalk-close-{worker.bot_id}", daemon=True)
         thread.start()
-        with self._lock:
-            self._closing = [t for t in self._closing if t.is_alive()] + [thread]
-
-    def join_closing(self, timeout: float) -> bool:
-        """Wait up to `timeout` s for stopped workers to end; True when none is left."""
-        deadline = time.monotonic() + timeout
-        with self._lock:
-            closing = list(self._closing)
-        for thread in closing:
-            thread.join(max(0.0, deadline - time.monotonic()))
-        with self._lock:
-            self._closing = [t for t in self._closing if t.is_alive()]
-            return not self._closing
-
-    def _wait_for_closing(self, settings: TransportSettings, timeout: float = 5.0) -> None:
-        """A stopped local bot's process may still hold the port a new local bot asks for."""
-        if settings.kind == "local":
-            self.join_closing(timeout)
+        self._add_closing(thread, worker.settings)
 
     # ---------------------------------------------------------------- speaking
     def say(self, bot_id: str | None, text: str) -> BotStatus:
@@ -332,50 +296,15 @@ class WorkerBotRunner:
         return worker.last
 
     def _live_worker(self, bot_id: str | None) -> _Worker:
-        worker = self._find(bot_id)
-        if worker is None:
-            no_such_bot(bot_id, self.running_ids())
-            raise MuseTalkError("No bot is running: start one in say or conversation mode first.")
+        worker = self._find_running(bot_id)
         if worker.gone or worker.actor is None or worker.starting or not worker.alive:
             raise MuseTalkError(f"Bot {worker.bot_id} is not running ({worker.last.state}).")
         return worker
 
     # ---------------------------------------------------------------- status
-    def _find(self, bot_id: str | None) -> _Worker | None:
-        with self._lock:
-            return pick_bot(self._workers, bot_id)
-
-    def status(self, bot_id: str | None = None) -> BotStatus:
-        """One bot's status (the newest running one when `bot_id` is None); "stopped" when there is none."""
-        worker = self._find(bot_id)
-        if worker is None:
-            return no_such_bot(bot_id, self.running_ids())
-        self._refresh([worker])
-        return worker.last
-
-    def bots(self) -> list[BotStatus]:
-        """Every bot (running ones and the last few that ended), oldest first."""
-        with self._lock:
-            workers = list(self._workers.values())
+    def _report(self, workers: list[_Worker]) -> list[BotStatus]:
         self._refresh(workers)
         return [w.last for w in workers]
-
-    def running_ids(self) -> list[str]:
-        with self._lock:
-            return [bot_id for bot_id, w in self._workers.items() if w.alive]
-
-    @property
-    def running(self) -> bool:
-        return bool(self.running_ids())
-
-    def avatar_in_use(self, name: str) -> str | None:
-        """A sentence naming the bot that shows avatar `name`, or None when no running bot does."""
-        with self._lock:
-            workers = [w for w in self._workers.values() if w.alive and name in w.avatars]
-        if not workers:
-            return None
-        w = workers[0]
-        return in_use_sentence(w.settings, w.bot_id, w.last.state, w.last.url, name)
 
     def _refresh(self, workers: list[_Worker]) -> None:
         """Ask every live worker for its status at once; a dead one becomes "error" with what happened."""

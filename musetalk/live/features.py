@@ -6,18 +6,32 @@ its features equal `FeatureRequest.compute` bit for bit. A shorter `window_secon
 encoder only that much audio (the newest part of each window) and the first positions of its
 positional table: the cost falls with the length (the 30 s pass is mostly padding), the
 features are no longer the 30 s recipe's, so lip shapes may differ; opt-in.
+
+Per session the service keeps a `FeatureCache` (the newest window of its utterance, the last
+encoding); `batch_features` gives every frame of a batch its `(50, D)` window, reusing a
+session's encoding wherever it covers the frame and encoding the rest in one pass.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from loguru import logger
 
-from musetalk.audio import NUM_HIDDEN_STATES, SAMPLES_PER_FEATURE, WINDOW_SECONDS
+from musetalk.audio import (
+    FEATURES_PER_VIDEO_FRAME,
+    LEFT_PAD_FEATURES,
+    NUM_HIDDEN_STATES,
+    SAMPLES_PER_FEATURE,
+    WINDOW_SECONDS,
+    windows_from_features,
+)
 from musetalk.config import AUDIO_SAMPLE_RATE
+from musetalk.live.requests import FrameRequest
 from musetalk.models import Models
 
 HOP_SAMPLES = 160  # whisper log-mel hop: 100 mel frames per second
@@ -77,3 +91,123 @@ class WindowEncoder:
         if len(states) != NUM_HIDDEN_STATES:
             raise ValueError(f"whisper encoder gave {len(states)} hidden states; MuseTalk needs 5 (4 layers)")
         return torch.stack(states, dim=2)
+
+
+# ----------------------------------------------------------------------------- per session, per batch
+Encoding = tuple[torch.Tensor, int]  # (feature rows, global index of the first row)
+
+
+@dataclass
+class FeatureCache:
+    """One session's audio for the encoder: the newest window of its utterance and its last encoding."""
+
+    newest: dict[int, FrameRequest] = field(default_factory=dict)  # utterance -> newest window request
+    encoded: dict[int, Encoding] = field(default_factory=dict)  # utterance -> last encoding (kept across batches)
+
+    def offer(self, request: FrameRequest) -> None:
+        """A submitted request: its window becomes the newest when it reaches at least as far."""
+        if request.window is None:
+            return
+        newest = self.newest.get(request.utterance)
+        if newest is None or _end_sample(newest) <= _end_sample(request):
+            self.newest = {request.utterance: request}  # older utterances keep their own windows
+
+    def clear(self) -> None:
+        """An interruption: nothing of the cut-off speech is reused."""
+        self.newest.clear()
+        self.encoded.clear()
+
+
+@dataclass(frozen=True)
+class FeatureRow:
+    """One frame of a batch, as the feature step sees it."""
+
+    session_id: str  # where a failure is reported
+    cache: FeatureCache  # the frame's session's
+    request: FrameRequest
+    index: int  # the frame's place in `request.items` (and `request.features`)
+
+
+def batch_features(
+    encoder: WindowEncoder, rows: Sequence[FeatureRow]
+) -> tuple[list[torch.Tensor | None], dict[str, str]]:
+    """`(50, D)` per frame (None where its audio could not be encoded) and {session id: why} for those.
+
+    Per session, one encoding serves every frame it covers: the last one (kept across batches)
+    if it does, else the newest window is encoded; all windows of the batch go through whisper
+    in one pass.
+    """
+    plans: list[int | torch.Tensor] = []  # per row: the key of its encoding, or ready features
+    windows: dict[int, tuple[np.ndarray, int, str]] = {}  # key -> trimmed window, its first row, session id
+    owners: dict[int, tuple[FeatureCache, int]] = {}  # key -> cache, utterance (to keep the encoding)
+    reused: dict[int, Encoding] = {}  # key -> an encoding from an earlier batch
+    for row in rows:
+        request, cache = row.request, row.cache
+        if request.features is not None:
+            plans.append(torch.as_tensor(request.features[row.index]))
+            continue
+        frame = request.items[row.index].frame
+        cached = cache.encoded.get(request.utterance)
+        if cached is not None and _covers(cached[1], cached[1] + len(cached[0]), frame, request):
+            reused[-id(cached)] = cached
+            plans.append(-id(cached))
+            continue
+        source = request
+        newest = cache.newest.get(request.utterance)
+        if newest is not None and newest is not request:
+            audio, first = encoder.trim(newest.window, newest.first_feature)
+            if _covers(first, first + len(audio) // SAMPLES_PER_FEATURE, frame, request):
+                source = newest  # a later snapshot of the same utterance covers this frame
+        if id(source) not in windows:
+            audio, first = encoder.trim(source.window, source.first_feature)
+            windows[id(source)] = (audio, first, row.session_id)
+            owners[id(source)] = (cache, request.utterance)
+        plans.append(id(source))
+    encoded, failed = _encode(encoder, windows)
+    for key, (cache, utterance) in owners.items():
+        if key in encoded:
+            cache.encoded = {utterance: encoded[key]}
+    encoded.update(reused)
+    features: list[torch.Tensor | None] = []
+    for row, plan in zip(rows, plans):
+        if isinstance(plan, torch.Tensor):
+            features.append(plan)
+        elif plan in encoded:
+            feats, first = encoded[plan]
+            features.append(windows_from_features(feats, first, [row.request.items[row.index].frame])[0])
+        else:
+            features.append(None)
+    return features, failed
+
+
+def _end_sample(request: FrameRequest) -> int:
+    """Where the request's window ends, in samples since the stream began."""
+    return request.first_feature * SAMPLES_PER_FEATURE + len(request.window)
+
+
+def _covers(first_row: int, end_row: int, frame: int, request: FrameRequest) -> bool:
+    """Whether feature rows `[first_row, end_row)` hold frame `frame`'s window as its own request would."""
+    own_end = request.first_feature + len(request.window) // SAMPLES_PER_FEATURE
+    lo = 2 * frame - LEFT_PAD_FEATURES
+    return (first_row <= max(lo, 0) or first_row == 0) and end_row >= min(lo + FEATURES_PER_VIDEO_FRAME, own_end)
+
+
+def _encode(
+    encoder: WindowEncoder, windows: dict[int, tuple[np.ndarray, int, str]]
+) -> tuple[dict[int, Encoding], dict[str, str]]:
+    """One whisper pass for all windows; if it fails, window by window so only the bad session loses."""
+    keys = list(windows)
+    try:
+        out = encoder.encode([windows[k][0] for k in keys])
+        return {k: (f, windows[k][1]) for k, f in zip(keys, out)}, {}
+    except Exception:
+        if len(keys) == 1:
+            logger.exception("MuseTalk audio features failed for session {}", windows[keys[0]][2])
+            return {}, {windows[keys[0]][2]: "the audio window could not be encoded"}
+    encoded: dict[int, Encoding] = {}
+    failed: dict[str, str] = {}
+    for k in keys:
+        one, bad = _encode(encoder, {k: windows[k]})
+        encoded.update(one)
+        failed.update(bad)
+    return encoded, failed

@@ -57,3 +57,13 @@ class FrameResult:
     frame_cost_s: float | None = None  # the service's steady model cost per frame (full batches)
     capacity: int | None = None  # sessions the service can serve at 25 fps (None: not measured yet)
     sessions: int | None = None  # sessions open on the service when the result left it
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """What a session needs to know about the service it joined."""
+
+    session_id: str
+    avatar_id: str
+    batch_size: int
+    context_seconds: float  # audio history worth sending with each request

@@ -6,9 +6,10 @@
   most urgent frame, one frame each in turn (round-robin), up to the batch size, so a session
   that speaks all the time gets its share and no more. It waits at most `gather_s` for a batch
   to fill. Per session and batch the newest audio window is encoded once, and the windows of
-  all sessions in the batch go through whisper together; then one UNet + VAE pass for the
-  batch, rows from any avatar. Blending (and scaling to each session's output size) runs on a
-  CPU thread pool while the worker starts the next batch.
+  all sessions in the batch go through whisper together (each session's windows and last
+  encoding: `musetalk.live.features`); then one UNet + VAE pass for the batch, rows from any
+  avatar. Blending (and scaling to each session's output size) runs on a CPU thread pool
+  while the worker starts the next batch.
 - Frames that cannot be ready before they are due are dropped (the session shows them idle);
   if every queued frame is hopeless, one full batch of the newest still runs about once a
   second so the speed estimate follows the device instead of freezing.
@@ -19,7 +20,7 @@
   loses only its own frames; the others go on.
 
 Values crossing the service's boundary are plain (`musetalk.live.requests`), so the same API
-can sit behind a process boundary.
+(`GenerationBackend`, musetalk/live/backend.py) can sit behind a process boundary.
 """
 
 from __future__ import annotations
@@ -37,25 +38,18 @@ import numpy as np
 import torch
 from loguru import logger
 
-from musetalk.audio import (
-    FEATURES_PER_VIDEO_FRAME,
-    LEFT_PAD_FEATURES,
-    SAMPLES_PER_FEATURE,
-    WINDOW_SECONDS,
-    positional_encoding,
-    windows_from_features,
-)
+from musetalk.audio import FEATURES_PER_VIDEO_FRAME, WINDOW_SECONDS, positional_encoding
 from musetalk.avatar.store import Avatar
 from musetalk.config import VIDEO_FPS
 from musetalk.errors import CapacityError, ConfigError
 from musetalk.generate import compose_frame, model_step
-from musetalk.live.features import WindowEncoder
-from musetalk.live.requests import FrameItem, FrameRequest, FrameResult
+from musetalk.live.backend import Sink
+from musetalk.live.features import FeatureCache, FeatureRow, WindowEncoder, batch_features
+from musetalk.live.requests import FrameItem, FrameRequest, FrameResult, SessionInfo
 from musetalk.live.session import fit_image
 from musetalk.models import Models
 
 FRAME_SECONDS = 1.0 / VIDEO_FPS
-Sink = Callable[[FrameResult], None]
 
 
 @dataclass(frozen=True)
@@ -79,16 +73,6 @@ class ServiceSettings:
             raise ConfigError("max_sessions must be at least 1.")
         if not 0.0 <= self.gather_s <= 1.0:
             raise ConfigError("gather_s must be between 0 and 1 second.")
-
-
-@dataclass(frozen=True)
-class SessionInfo:
-    """What a session needs to know about the service it joined."""
-
-    session_id: str
-    avatar_id: str
-    batch_size: int
-    context_seconds: float  # audio history worth sending with each request
 
 
 @dataclass(frozen=True)
@@ -132,13 +116,12 @@ class _Session:
     sink: Sink
     output_size: tuple[int, int] | None
     queue: deque[_Pending] = field(default_factory=deque)
-    newest: dict[int, FrameRequest] = field(default_factory=dict)  # utterance -> newest window request
-    encoded: dict[int, tuple[torch.Tensor, int]] = field(default_factory=dict)  # utterance -> last (rows, first row)
+    features: FeatureCache = field(default_factory=FeatureCache)  # its audio windows and last encoding
     warm: bool = True  # a warm-up batch is owed
 
 
 class GenerationService:
-    """Batches the frames of every live session on one device (see the module docstring)."""
+    """Batches the frames of every live session on one device (see the module docstring); a `GenerationBackend`."""
 
     _shared: dict[int, GenerationService] = {}
     _shared_lock = threading.Lock()
@@ -232,10 +215,7 @@ class GenerationService:
             session = self._sessions.get(request.session_id)
             if session is None:
                 return
-            if request.window is not None:
-                newest = session.newest.get(request.utterance)
-                if newest is None or newest.first_feature * 320 + len(newest.window) <= request.first_feature * 320 + len(request.window):
-                    session.newest = {request.utterance: request}  # older utterances keep their own windows
+            session.features.offer(request)
             for k, item in enumerate(request.items):
                 session.queue.append(_Pending(request, item, k, now))
             self._cond.notify_all()
@@ -246,8 +226,7 @@ class GenerationService:
             session = self._sessions.get(session_id)
             if session is not None:
                 session.queue.clear()
-                session.newest.clear()
-                session.encoded.clear()
+                session.features.clear()
 
     def close_session(self, session_id: str) -> None:
         with self._cond:
@@ -450,7 +429,8 @@ class GenerationService:
     def _run_batch(self, batch: list[tuple[_Session, _Pending]]) -> None:
         start = time.perf_counter()
         with self._model_lock:
-            features, failed = self._features(batch)
+            rows = [FeatureRow(s.id, s.features, p.request, p.index) for s, p in batch]
+            features, failed = batch_features(self.encoder, rows)
             encoded = time.perf_counter()
             good = [(s, p) for (s, p), f in zip(batch, features) if f is not None]
             faces = None
@@ -487,77 +467,6 @@ class GenerationService:
         ])  # fmt: skip
         faces = model_step(self.models, latents, features, self._pe, self._timestep)
         return faces.cpu().numpy()
-
-    def _features(self, batch: list[tuple[_Session, _Pending]]) -> tuple[list[torch.Tensor | None], dict[str, str]]:
-        """`(50, D)` per frame. Per session, one encoding serves every frame it covers: the last one
-        (kept across batches) if it does, else the newest window is encoded; all windows of the
-        batch go through whisper in one pass."""
-        plans: list[tuple[int, int] | torch.Tensor] = []  # (key, row of the frame's window) or ready features
-        windows: dict[int, tuple[np.ndarray, int, str]] = {}  # key -> trimmed window, its first row, session id
-        owners: dict[int, tuple[_Session, int]] = {}  # key -> session, utterance (to keep the encoding)
-        reused: dict[int, tuple[torch.Tensor, int]] = {}  # key -> an encoding from an earlier batch
-        for session, pending in batch:
-            request = pending.request
-            if request.features is not None:
-                plans.append(torch.as_tensor(request.features[pending.index]))
-                continue
-            frame = pending.item.frame
-            cached = session.encoded.get(request.utterance)
-            if cached is not None and self._covers(cached[1], cached[1] + len(cached[0]), frame, request):
-                reused[-id(cached)] = cached
-                plans.append((-id(cached), 0))
-                continue
-            source = request
-            newest = session.newest.get(request.utterance)
-            if newest is not None and newest is not request:
-                audio, first = self.encoder.trim(newest.window, newest.first_feature)
-                if self._covers(first, first + len(audio) // SAMPLES_PER_FEATURE, frame, request):
-                    source = newest  # a later snapshot of the same utterance covers this frame
-            if id(source) not in windows:
-                audio, first = self.encoder.trim(source.window, source.first_feature)
-                windows[id(source)] = (audio, first, session.id)
-                owners[id(source)] = (session, request.utterance)
-            plans.append((id(source), 0))
-        encoded, failed = self._encode(windows)
-        for key, (session, utterance) in owners.items():
-            if key in encoded:
-                session.encoded = {utterance: encoded[key]}
-        encoded.update(reused)
-        features: list[torch.Tensor | None] = []
-        for (_, pending), plan in zip(batch, plans):
-            if isinstance(plan, torch.Tensor):
-                features.append(plan)
-            elif plan[0] in encoded:
-                feats, first = encoded[plan[0]]
-                features.append(windows_from_features(feats, first, [pending.item.frame])[0])
-            else:
-                features.append(None)
-        return features, failed
-
-    @staticmethod
-    def _covers(first_row: int, end_row: int, frame: int, request: FrameRequest) -> bool:
-        """Whether feature rows `[first_row, end_row)` hold frame `frame`'s window as its own request would."""
-        own_end = request.first_feature + len(request.window) // SAMPLES_PER_FEATURE
-        lo = 2 * frame - LEFT_PAD_FEATURES
-        return (first_row <= max(lo, 0) or first_row == 0) and end_row >= min(lo + FEATURES_PER_VIDEO_FRAME, own_end)
-
-    def _encode(self, windows: dict[int, tuple[np.ndarray, int, str]]) -> tuple[dict[int, tuple[torch.Tensor, int]], dict[str, str]]:
-        """One whisper pass for all windows; if it fails, window by window so only the bad session loses."""
-        keys = list(windows)
-        try:
-            out = self.encoder.encode([windows[k][0] for k in keys])
-            return {k: (f, windows[k][1]) for k, f in zip(keys, out)}, {}
-        except Exception:
-            if len(keys) == 1:
-                logger.exception("MuseTalk audio features failed for session {}", windows[keys[0]][2])
-                return {}, {windows[keys[0]][2]: "the audio window could not be encoded"}
-        encoded: dict[int, tuple[torch.Tensor, int]] = {}
-        failed: dict[str, str] = {}
-        for k in keys:
-            one, bad = self._encode({k: windows[k]})
-            encoded.update(one)
-            failed.update(bad)
-        return encoded, failed
 
     def _deliver(self, rows: list[tuple[_Session, _Pending]], faces: np.ndarray) -> None:
         """Blend thread: compose each face into its avatar frame, scale it, hand it to the session."""

@@ -347,24 +347,36 @@ class LiveSession:
     def _leaves_at(self, head: _Entry, now: float) -> float:
         """When the oldest entry may leave: at once when ready (or silent, or given up), else at its due time.
 
-        Except a ready speech frame that would start the audio anew (what was handed on has played out,
-        as when a TTS utterance begins) on a device slower than real time: it waits for its due time.
-        Once audio plays, each later frame must be there before the audio ahead of it ends; started
-        early, a slow device would hand the rest on at its own pace and the voice would stutter.
+        Except a ready speech frame that would start the audio anew (what was handed on has played
+        out, as when a TTS utterance begins): it leaves only once the frames still being made will be
+        ready before their turn to play (or at its due time). Started with its first ready frame, a
+        device slower than real time would hand the rest on at its own pace and the voice would stutter.
         """
         if not head.speech or head.late:
             return now
         if head.image is None:
             return head.due
-        starting = now > self._playing_until + FRAME_SECONDS
-        return head.due if starting and not self._keeps_real_time() else now
+        if now <= self._playing_until + FRAME_SECONDS or self._can_start(head, now):
+            return now
+        return head.due
 
-    def _keeps_real_time(self) -> bool:
+    def _can_start(self, head: _Entry, now: float) -> bool:
+        """With `ready` frames ready and `rest` still to make at `cost` s each, frame `ready + j - 1` is ready
+        after j * cost and plays after (ready + j - 1) * 40 ms: the worst case is the last frame."""
+        ready = 0
+        for entry in self._entries:
+            if entry.speech and entry.image is None and not entry.late:
+                break
+            ready += 1
+        rest = sum(1 for entry in list(self._entries)[ready:] if entry.speech and entry.image is None and not entry.late)
+        if rest == 0:
+            return True
         t = self._timing
-        if t.frame_cost_s is None:
-            return False  # not measured yet: the first utterance waits for its due time rather than risk a stutter
-        within_capacity = t.capacity is None or t.sessions is None or t.sessions <= max(t.capacity, 1)
-        return t.frame_cost_s <= FRAME_SECONDS and within_capacity
+        if t.frame_cost_s is not None:  # the service's cost, shared with the sessions it serves
+            cost = t.frame_cost_s * max(1, t.sessions or 1)
+        else:  # not measured yet: what making the ready ones took, waiting included (an upper bound)
+            cost = (now - head.arrival) / ready
+        return rest * (cost - FRAME_SECONDS) <= (ready - 1) * FRAME_SECONDS
 
     @property
     def pending(self) -> int:

@@ -39,12 +39,14 @@ from musetalk.bot.agent_config import (
     load_bot_config,
     save_bot_config,
 )
-from musetalk.bot.runner import BotRunner, BotStatus
+from musetalk.bot.manager import BotManager
+from musetalk.bot.status import BotStatus
 from musetalk.bot.transports import IceServerSpec
-from musetalk.bot.workers import WorkerBotRunner, make_bot_runner
+from musetalk.bot.workers import make_bot_runner
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
 from musetalk.models import Models, check_weights, load_models, resolve_runtime
+from musetalk.serve.backend import INSTALL_HINT, BackendSpec, make_backend, ray_available
 
 HISTORY_SECONDS = 300  # the live plots show the last 5 minutes
 SOURCES_DIR = ".sources"  # inside the avatars folder: kept copies of uploaded videos (re-prepare)
@@ -72,8 +74,6 @@ class EngineOptions:
             raise ConfigError("--max-bots must be at least 1.")
         if self.max_sessions is not None and self.max_sessions < 1:
             raise ConfigError("--max-sessions must be at least 1.")
-        from musetalk.serve.backend import INSTALL_HINT, BackendSpec, ray_available
-
         if BackendSpec.parse(self.backend).kind == "ray" and not ray_available():
             raise ConfigError(f"--backend {self.backend} needs Ray, which is not installed here: {INSTALL_HINT}")
 
@@ -102,7 +102,7 @@ class Engine:
         self._error: str | None = None
         self._fetch_progress: weights.Progress | None = None
         self._fetch_errors: list[str] = []
-        self._runner: BotRunner | WorkerBotRunner | None = None
+        self._runner: BotManager | None = None
         self._cancel: threading.Event | None = None
         self._active_sources: set[Path] = set()
         self._preparing: set[str] = set()  # avatars being prepared (again): the bot may not start them
@@ -290,28 +290,22 @@ class Engine:
         return SpeechSetup(self.bot_config(), self.options.keys, self.paths.models_dir)
 
     # ---------------------------------------------------------------- bot
-    def runner(self, on_wait: Callable[[], None] | None = None) -> BotRunner | WorkerBotRunner:
+    def runner(self, on_wait: Callable[[], None] | None = None) -> BotManager:
         models = self.models(on_wait)
         with self._cond:
             if self._runner is None:
-                from musetalk.live.service import GenerationService, ServiceSettings
+                from musetalk.live.service import ServiceSettings
 
-                settings = ServiceSettings(max_sessions=self.options.max_sessions)
-                if self.options.backend == "inproc":
-                    service = GenerationService(models, settings)
-                else:
-                    from musetalk.serve.backend import make_backend
-
-                    service = make_backend(
-                        self.options.backend, models=models, models_dir=self.paths.models_dir, runtime=self.runtime,
-                        settings=settings,
-                    )  # fmt: skip
+                service = make_backend(
+                    self.options.backend, models=models, models_dir=self.paths.models_dir, runtime=self.runtime,
+                    settings=ServiceSettings(max_sessions=self.options.max_sessions),
+                )  # fmt: skip
                 # On `ray`, every bot is a worker process of its own (musetalk/bot/workers.py).
                 self._runner = make_bot_runner(models, service, backend=self.options.backend,
                                                max_bots=self.options.max_bots)  # fmt: skip
             return self._runner
 
-    def existing_runner(self) -> BotRunner | WorkerBotRunner | None:
+    def existing_runner(self) -> BotManager | None:
         with self._cond:
             return self._runner
 

@@ -1,10 +1,9 @@
 """Backend choice: `inproc` (one `GenerationService` in this process) or `ray[://ADDRESS]`.
 
-`make_backend(spec, ...)` returns an object with the session surface of `GenerationService`
-(`add_avatar`, `open_session`, `submit`, `cancel`, `close_session`, `stats`, `capacity`), so a
-bot or the panel takes either. Specs:
+`make_backend(spec, ...)` is the one place a backend is chosen: it returns a `GenerationBackend`
+(musetalk/live/backend.py), so a bot or the panel takes either. Specs:
 
-- `inproc` (default): the process's service for the given models; Ray is not imported.
+- `inproc` (default): a new `GenerationService` for the given models; Ray is not imported.
 - `ray`: connect to the Ray cluster of this machine if one runs (`ray start --head`), else
   start a local one; deploy the MuseTalk app if it is not running yet.
 - `ray://HOST:PORT`: a remote cluster through Ray Client (port 10001 of the head by default).
@@ -22,14 +21,18 @@ import socket
 import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from loguru import logger
 
 from musetalk.config import RuntimeSettings
 from musetalk.errors import BackendError, ConfigError
-from musetalk.live.service import GenerationService, ServiceSettings
-from musetalk.models import Models
+
+if TYPE_CHECKING:  # imported where used: choosing a backend loads neither torch nor Ray
+    from musetalk.live.backend import GenerationBackend
+    from musetalk.live.service import ServiceSettings
+    from musetalk.models import Models
+    from musetalk.serve.client import RayGenerationClient
 
 INSTALL_HINT = "pip install -r requirements-scale.txt  (Ray Serve; the default `inproc` backend needs none)"
 
@@ -69,13 +72,15 @@ def ray_available() -> bool:
 def make_backend(
     spec: str = "inproc", *, models: Models | None = None, models_dir: str | Path | None = None,
     runtime: RuntimeSettings | None = None, settings: ServiceSettings | None = None, ray: RayOptions | None = None,
-):  # fmt: skip
-    """The generation backend for `spec` (see the module docstring)."""
+) -> GenerationBackend:  # fmt: skip
+    """The generation backend for `spec` (see the module docstring); each call makes a new one."""
     parsed = BackendSpec.parse(spec)
     if parsed.kind == "inproc":
         if models is None:
             raise ConfigError("the inproc backend needs loaded models")
-        return GenerationService.for_models(models, settings)
+        from musetalk.live.service import GenerationService
+
+        return GenerationService(models, settings)
     if not ray_available():
         raise BackendError(f"--backend {spec} needs Ray, which is not installed here. Install it with: {INSTALL_HINT}")
     return connect_ray(
@@ -147,7 +152,7 @@ def _try(fn, kwargs: dict[str, Any]) -> BaseException | None:
 def connect_ray(
     address: str | None, *, models_dir: str | Path | None = None, runtime: RuntimeSettings | None = None,
     settings: ServiceSettings | None = None, options: RayOptions | None = None,
-):  # fmt: skip
+) -> RayGenerationClient:  # fmt: skip
     """Join (or start) the cluster, make sure the MuseTalk app runs, return a client for it."""
     import ray
     from ray import serve

@@ -1,8 +1,7 @@
 """The Ray backend seen from a bot: the same session surface as the in-process service.
 
-`RayGenerationClient` offers `add_avatar`, `open_session`, `submit`, `cancel`,
-`close_session`, `stats` and `capacity` like `GenerationService`, so `LiveSession` and
-`MuseTalkProcessor` take either. Behind it:
+`RayGenerationClient` is a `GenerationBackend` (musetalk/live/backend.py) like
+`GenerationService`, so `LiveSession` and `MuseTalkProcessor` take either. Behind it:
 
 - `open_session` routes by avatar digest (Serve model multiplexing); a replica lacking the
   avatar answers "missing" and gets the bytes in a second call. The session is then pinned to
@@ -23,7 +22,6 @@ import dataclasses
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,13 +30,13 @@ from loguru import logger
 
 from musetalk.avatar.store import Avatar
 from musetalk.errors import BackendError, CapacityError, MuseTalkError
-from musetalk.live.requests import FrameRequest, FrameResult
-from musetalk.live.service import ServiceStats, SessionInfo
+from musetalk.live.backend import Sink
+from musetalk.live.requests import FrameRequest, FrameResult, SessionInfo
+from musetalk.live.service import ServiceStats
 from musetalk.serve.avatars import PackedAvatars
 from musetalk.serve.deployment import shift_due
 from musetalk.serve.router import KNOWN_REPLICAS, pinned_id
 
-Sink = Callable[[FrameResult], None]
 POLL_S = 0.5  # longest wait of one results poll (answers return as soon as there are any)
 
 
@@ -183,6 +181,10 @@ class RayGenerationClient:
 
     def capacity(self) -> int | None:
         return self.stats().capacity
+
+    def session_limit(self) -> int | None:
+        """None: the cluster admits a session (or refuses it with `CapacityError`) when it opens."""
+        return None
 
     # ------------------------------------------------------------------ on the client's loop
     async def _open(self, remote: _Remote, warm_up: bool) -> dict[str, Any]:

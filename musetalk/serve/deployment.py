@@ -27,7 +27,7 @@ from ray.serve.config import RequestRouterConfig
 
 from musetalk.avatar.store import Avatar, AvatarStore
 from musetalk.config import ModelPaths, RuntimeSettings
-from musetalk.errors import CapacityError, MuseTalkError
+from musetalk.errors import AvatarNotHeldError, CapacityError, MuseTalkError
 from musetalk.live.requests import FrameRequest, FrameResult
 from musetalk.live.service import GenerationService, ServiceSettings
 from musetalk.models import load_models
@@ -37,10 +37,6 @@ APP_NAME = "musetalk"
 DEPLOYMENT_NAME = "MuseTalkGeneration"
 MAX_AVATARS_PER_REPLICA = 16
 ORPHAN_S = 10.0  # a session whose client stopped polling this long is closed
-
-
-class _Missing(MuseTalkError):
-    """This replica has neither the avatar's bytes nor a shared copy: the caller sends them."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,7 +83,7 @@ class GenerationReplica:
         name = self._names.get(key)
         if self.shared is not None and name and self.shared.exists(name):
             return await asyncio.to_thread(self.shared.load, name)
-        raise _Missing(key)
+        raise AvatarNotHeldError(key)
 
     # ------------------------------------------------------------------ sessions
     async def open(
@@ -101,7 +97,7 @@ class GenerationReplica:
         self._names[key] = name
         try:
             avatar = await self._avatar(key)
-        except _Missing:
+        except AvatarNotHeldError:
             return {"status": "missing"}
         avatar_id = await asyncio.to_thread(self.service.add_avatar, avatar)
         self._end(session_id)  # a re-attach to this same replica replaces the old session
