@@ -256,8 +256,8 @@ class EspeakTTSService(TTSService):
         self._kill(process)
         try:
             await asyncio.wait_for(process.communicate(), timeout=2.0)
-        except Exception:
-            pass  # asyncio's child watcher still reaps the process
+        except (TimeoutError, OSError, ValueError) as exc:  # asyncio's child watcher still reaps the process
+            logger.debug("{}: espeak-ng pipes not drained: {}", self, exc)
 
     def _kill_all(self) -> None:
         processes = list(self._processes.values())

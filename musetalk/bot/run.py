@@ -18,6 +18,7 @@ only reach the loop through `asyncio.run_coroutine_threadsafe` / `call_soon_thre
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import statistics
 import threading
@@ -249,8 +250,8 @@ class BotRun:
             return self._last_stats
         try:
             return asyncio.run_coroutine_threadsafe(self._read_stats_async(), loop).result(_STATS_TIMEOUT_S)
-        except Exception:  # busy or closing loop: the last figures are good enough for a status line
-            return self._last_stats
+        except (TimeoutError, concurrent.futures.CancelledError, RuntimeError):  # busy or closing loop:
+            return self._last_stats  # the last figures are good enough for a status line
 
     def _read_stats(self) -> Any:
         stats = []
@@ -511,8 +512,10 @@ class BotRun:
         self._release_viewer_avatars()
         if session is None:
             return
-        with contextlib.suppress(Exception):
+        try:  # its last figures stay on the status line
             self._last_stats = combine_stats([session.processor.stats()])
+        except Exception as exc:  # teardown goes on whatever the stats do
+            logger.warning("The viewer's last figures are lost: {}", exc)
         await session.runner.cancel(reason=reason)
         if session.task is not None:
             try:
@@ -522,8 +525,10 @@ class BotRun:
                 session.task.cancel()
                 await asyncio.gather(session.task, return_exceptions=True)
         if session.connection is not None:
-            with contextlib.suppress(Exception):
+            try:
                 await session.connection.disconnect()
+            except Exception as exc:  # a connection that is gone already: nothing left to close
+                logger.debug("Closing viewer {}'s connection: {}", key, exc)
 
     async def _viewer_avatar(self, request_data: Any) -> Avatar | None:
         """The avatar a viewer asked for (`?avatar=NAME` on the page), or the bot's own."""

@@ -215,8 +215,9 @@ class RayGenerationClient:
         replica = remote.replica
         try:
             known = await self._pinned(remote).submit.remote(remote.id, shift_due(request, -time.monotonic()))
-        except Exception as exc:  # the replica died: the results poll notices and re-attaches
-            logger.debug("submit for session {} failed: {}", remote.id, exc)
+        except Exception as exc:  # the replica died: the results poll notices, re-attaches and re-sends these frames
+            logger.warning("Frames for session {} did not reach replica {} ({}); re-sent once it re-attaches",
+                           remote.id, replica, exc)  # fmt: skip
             return
         if not known and not remote.closed and remote.attached and remote.replica == replica:
             logger.warning("replica {} lost session {}: re-attaching", replica, remote.id)
