@@ -1,5 +1,7 @@
 #!/usr/bin/env bash
 # Command 2 of the README: run the whole test suite (installs what the tests need first).
+# Arguments go to pytest: `bash test.sh -m "not slow"` is the fast lane (no browser, Ray, kill or other
+# long tests; under 3 minutes on 2 cores), `bash test.sh` runs everything.
 set -euo pipefail
 cd "$(dirname "$0")"
 

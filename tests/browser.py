@@ -11,6 +11,7 @@ the browser runs inside a private network namespace and the test does not.
 
 from __future__ import annotations
 
+import base64
 import fcntl
 import itertools
 import json
@@ -19,6 +20,7 @@ import shutil
 import subprocess
 import tempfile
 import threading
+import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -233,3 +235,25 @@ class Page:
             text = details.get("exception", {}).get("description") or details.get("text")
             raise CDPError(f"JavaScript error: {text}")
         return result.get("result", {}).get("value")
+
+
+def wait_js(page: Page, expression: str, timeout: float = 30.0) -> Any:
+    """Evaluate `expression` every 0.2 s until it is truthy or `timeout` s pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    value = page.evaluate(expression)
+    while not value and time.monotonic() < deadline:
+        time.sleep(0.2)
+        value = page.evaluate(expression)
+    return value
+
+
+def screenshot(page: Page, path: Path) -> None:
+    """The whole page (up to 4000 px tall, 1400 px wide) as a PNG at `path`; the viewport is 1400x900 again after."""
+    height = int(page.call("Page.getLayoutMetrics")["cssContentSize"]["height"])
+    page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": min(max(height, 900), 4000), "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
+    time.sleep(0.5)
+    data = page.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
+    path.write_bytes(base64.b64decode(data))
+    page.call(
+        "Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
+    )

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -74,3 +76,33 @@ def prepared_avatar(models, avatar_store, face_video):
 
     prepare_avatar(models, avatar_store, face_video, "astro")
     return avatar_store.load("astro")
+
+
+@pytest.fixture(scope="session")
+def frame_cost_s(models, prepared_avatar) -> float:
+    """What one generated frame of the prepared avatar costs this device now (seconds), as the generation
+    service measures it (steady full batches). Tests size latency budgets and time bounds from it
+    (helpers.budget_for) instead of assuming how fast this machine is."""
+    from musetalk.live.service import GenerationService, ServiceSettings
+
+    service = GenerationService(models, ServiceSettings(admission=False))
+    try:
+        return service.calibrate(service.add_avatar(prepared_avatar), repeats=2)
+    finally:
+        service.close()
+
+
+@pytest.fixture(scope="session")
+def finish_later():
+    """`finish_later(what, fn)`: run `fn` on a thread while the next tests go on (a module's slow clean-up,
+    such as a panel's Ctrl-C), and fail the session's end if it raised. Nothing is left unchecked."""
+    pool = ThreadPoolExecutor(2, thread_name_prefix="finish-later")
+    jobs: list[tuple[str, Future]] = []
+
+    def submit(what: str, fn: Callable[[], None]) -> None:
+        jobs.append((what, pool.submit(fn)))
+
+    yield submit
+    pool.shutdown(wait=True)
+    failed = [f"{what}: {job.exception()!r}" for what, job in jobs if job.exception() is not None]
+    assert not failed, "checks finished after their tests failed:\n" + "\n".join(failed)

@@ -8,15 +8,9 @@ test-artifacts/. A second server with an empty models folder checks the missing-
 
 from __future__ import annotations
 
-import asyncio
-import base64
 import json
-import os
 import shutil
-import signal
 import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -25,102 +19,13 @@ import media
 import pytest
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
+from helpers import ARTIFACTS, SHIPPED_BOT_CONFIG, PanelServer, panel_env, poll
+from viewers import candidate_free_offer
 
-REPO = Path(__file__).resolve().parent.parent
-ARTIFACTS = REPO / "test-artifacts"
 TOKEN = "sekrit-daily-token-42"
 
 
 # --------------------------------------------------------------------------- helpers
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class PanelServer:
-    """`python app.py ...` in a subprocess; stopped with Ctrl-C (SIGINT), as a person would."""
-
-    def __init__(self, args: list[str], env: dict[str, str], log: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}/"
-        self.log = log
-        self._log_file = open(log, "w")  # noqa: SIM115 (closed in stop)
-        self.proc = subprocess.Popen(
-            [sys.executable, str(REPO / "app.py"), "--port", str(self.port), *args],
-            cwd=log.parent, env=env, stdout=self._log_file, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def wait_ready(self, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.proc.poll() is None, f"app.py exited:\n{self.log.read_text()[-4000:]}"
-            try:
-                if httpx.get(self.url, timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.3)
-        raise AssertionError(f"app.py did not serve {self.url} within {timeout} s:\n{self.log.read_text()[-4000:]}")
-
-    def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(timeout=10)
-        self._log_file.close()
-        return self.proc.returncode
-
-
-# Keys the shipped bot config names (api_key_env): never handed to a panel unless a test sets them.
-BOT_KEY_VARIABLES = ("STT_API_KEY", "LLM_API_KEY", "TTS_API_KEY", "OPENAI_API_KEY")
-SHIPPED_BOT_CONFIG = REPO / "configs" / "bot" / "conversation.yaml"
-
-
-def panel_env(models_dir: Path, avatars_dir: Path, tmp: Path, **extra: str) -> dict[str, str]:
-    return {
-        **{k: v for k, v in os.environ.items() if k not in BOT_KEY_VARIABLES},
-        "MUSETALK_MODELS_DIR": str(models_dir),
-        "MUSETALK_AVATARS_DIR": str(avatars_dir),
-        "MUSETALK_DEVICE": "cpu",
-        "GRADIO_ANALYTICS_ENABLED": "False",
-        "GRADIO_TEMP_DIR": str(tmp / "gradio"),
-        "PYTHONUNBUFFERED": "1",
-        **extra,
-    }
-
-
-def candidate_free_offer() -> str:
-    """A WebRTC offer (audio sendrecv, video recvonly) without ICE candidates: the local page
-    answers and starts a viewer pipeline, so the bot produces frames, but no packet is sent."""
-    from aiortc import RTCPeerConnection
-
-    async def offer() -> str:
-        pc = RTCPeerConnection()
-        pc.addTransceiver("audio", direction="sendrecv")
-        pc.addTransceiver("video", direction="recvonly")
-        await pc.setLocalDescription(await pc.createOffer())
-        sdp = pc.localDescription.sdp
-        await pc.close()
-        return sdp
-
-    lines = asyncio.run(offer()).splitlines(keepends=True)
-    return "".join(line for line in lines if not line.startswith(("a=candidate", "a=end-of-candidates")))
-
-
-def poll(fn, until, timeout: float = 20.0, every: float = 0.5):
-    """Call `fn` until `until(value)` holds or `timeout` s pass; returns the last value."""
-    deadline = time.monotonic() + timeout
-    value = fn()
-    while not until(value) and time.monotonic() < deadline:
-        time.sleep(every)
-        value = fn()
-    return value
-
-
 def app_error(call) -> str:
     with pytest.raises(AppError) as info:
         call()
@@ -146,7 +51,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="module")
-def panel(tiny_models_dir, tmp_path_factory):
+def panel(tiny_models_dir, tmp_path_factory, finish_later):
     tmp = tmp_path_factory.mktemp("panel")
     avatars = tmp / "avatars"
     # No --bot-config: the default, configs/bot/conversation.yaml, is read relative to the working
@@ -160,11 +65,8 @@ def panel(tiny_models_dir, tmp_path_factory):
         server.client = Client(server.url, verbose=False)
         server.avatars = avatars
         yield server
-    finally:
-        code = server.stop()
-        log = server.log.read_text()
-        assert TOKEN not in log, "the Daily token reached the log"
-        assert code == 0, f"app.py exited with {code} after Ctrl-C:\n{log[-3000:]}"
+    finally:  # Ctrl-C, exit code 0 and no Daily token in its log, checked while the next tests run
+        finish_later("test_app.py's panel", lambda: server.stop_checked(TOKEN))
 
 
 @pytest.fixture(scope="module")
@@ -407,7 +309,8 @@ def test_a_say_bot_speaks_and_stops_through_the_api(panel, prepared):
     )
 
 
-def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_models_dir, tmp_path):
+@pytest.mark.slow  # a second panel of its own
+def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_models_dir, tmp_path, finish_later):
     import yaml
     from openai_standin import OpenAIStandIn, unreachable_url
 
@@ -458,7 +361,10 @@ def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_mo
             edited = call(api_name="/bot_config")
             assert answer == edited
             assert edited["llm"]["base_url"] == dead and edited["llm"]["api_key_env"] == "TEST_LLM_KEY", edited
-            assert edited["config"] == f"{config_file} (as edited in the panel, not saved)" and edited["stt"] == shown["stt"]
+            assert (
+                edited["config"] == f"{config_file} (as edited in the panel, not saved)"
+                and edited["stt"] == shown["stt"]
+            )
             assert config_file.read_bytes() == on_disk, "set_bot_config without saving leaves the file alone"
             check = call("conversation", api_name="/check_bot_config")
             assert check.startswith("Not ready for conversation") and f"No LLM answers at {dead}" in check, check
@@ -478,14 +384,11 @@ def test_the_bot_config_can_be_edited_checked_and_saved(panel, prepared, tiny_mo
             answers.append(call(api_name="/list_bots"))
             stopped = call(api_name="/stop_bot")
             assert stopped["state"] == "stopped" and stopped["last_error"] is None, stopped
-        finally:
-            code = server.stop()
-        log = server.log.read_text()
-    assert code == 0, f"app.py exited with {code} after Ctrl-C:\n{log[-3000:]}"
+        finally:  # Ctrl-C, exit code 0 and the key not in its log, checked while the next tests run
+            finish_later("the bot-config panel", lambda: server.stop_checked(secret))
     assert all(r.api_key == secret for r in api.requests), "every request to the services carried the key"
     for answer in answers:
         assert secret not in json.dumps(answer), answer
-    assert secret not in log, "the key reached the panel's log"
     assert config_file.read_bytes() == on_disk
 
 
@@ -667,7 +570,8 @@ def test_system_info_says_what_runs_where(panel):
 
 
 # --------------------------------------------------------------------------- missing weights
-def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, videos):
+@pytest.mark.slow  # a second panel of its own
+def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, videos, finish_later):
     empty = tmp_path / "no-models"
     empty.mkdir()
     server = PanelServer(
@@ -693,7 +597,7 @@ def test_missing_weights_the_panel_starts_and_says_what_to_fetch(tmp_path, video
         assert info["models_state"].startswith("not loaded") and str(empty) in info["models_dir"]
         assert not any(part["present"] for part in info["weights"])
     finally:
-        assert server.stop() == 0
+        finish_later("the missing-weights panel", server.stop_checked)
 
 
 # --------------------------------------------------------------------------- browser
@@ -708,23 +612,9 @@ TABS = {
 }  # fmt: skip
 
 
-def _wait_js(page, expression: str, timeout: float = 30.0):
-    return poll(lambda: page.evaluate(expression), bool, timeout=timeout, every=0.2)
-
-
-def _screenshot(page, path: Path) -> None:
-    height = int(page.call("Page.getLayoutMetrics")["cssContentSize"]["height"])
-    page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": min(max(height, 900), 4000), "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
-    time.sleep(0.5)
-    data = page.call("Page.captureScreenshot", {"format": "png", "captureBeyondViewport": True})["data"]
-    path.write_bytes(base64.b64decode(data))
-    page.call(
-        "Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False}
-    )
-
-
+@pytest.mark.slow
 def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
-    from browser import Chromium, find_chromium
+    from browser import Chromium, find_chromium, screenshot, wait_js
 
     if find_chromium() is None:
         pytest.skip("chromium is not installed (apt-get install -y chromium)")
@@ -737,8 +627,8 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
     with Chromium() as browser:
         page = browser.new_page(panel.url)
         page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
-        assert _wait_js(page, "document.querySelectorAll('button[role=tab]').length >= 4"), browser.console
-        assert _wait_js(page, "document.body.innerText.includes('Models ready')"), page.evaluate(
+        assert wait_js(page, "document.querySelectorAll('button[role=tab]').length >= 4"), browser.console
+        assert wait_js(page, "document.body.innerText.includes('Models ready')"), page.evaluate(
             "document.body.innerText"
         )
         for tab, labels in TABS.items():
@@ -746,19 +636,17 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
                 f"[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === {json.dumps(tab)}).click()"
             )
             expected = json.dumps(labels)
-            missing = _wait_js(
+            missing = wait_js(
                 page, f"(() => {{ const t = document.body.innerText; return {expected}.every(l => t.includes(l)); }})()"
             )
             text = page.evaluate("document.body.innerText")
             assert missing, f"{tab}: missing {[label for label in labels if label not in text]}"
             if tab == "Avatars":  # the prepared avatar is in the library, with its manifest; the damaged one with why
-                assert _wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
-                assert _wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
+                assert wait_js(page, "document.body.innerText.includes('astro · 50 frames')")
+                assert wait_js(page, "document.body.innerText.includes('1 damaged avatar')")
                 assert "manifest.json is missing" in page.evaluate("document.body.innerText")
-                assert _wait_js(
-                    page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')"
-                )
-            _screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
+                assert wait_js(page, "document.body.innerText.includes('1 avatar made with older preprocessing rules')")
+            screenshot(page, ARTIFACTS / f"panel-{tab.lower()}.png")
 
         # Live: Daily shows its fields, the token field hides what is typed.
         page.evaluate(
@@ -767,11 +655,11 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         page.evaluate(
             "[...document.querySelectorAll('label')].find(l => l.textContent.trim() === 'Daily room').querySelector('input').click()"
         )
-        assert _wait_js(
+        assert wait_js(
             page,
             "!!document.querySelector('input[type=password]') && document.body.innerText.includes('Daily room URL')",
         )
-        _screenshot(page, ARTIFACTS / "panel-live-daily.png")
+        screenshot(page, ARTIFACTS / "panel-live-daily.png")
 
         # Avatars: upload a video in the page; the preview gallery fills with 4 frames.
         page.evaluate(
@@ -780,13 +668,13 @@ def test_every_tab_renders_its_controls_in_a_browser(panel, prepared, videos):
         root = page.call("DOM.getDocument", {"depth": -1, "pierce": True})["root"]["nodeId"]
         node = page.call("DOM.querySelector", {"nodeId": root, "selector": "input[type=file][accept*=video]"})["nodeId"]
         page.call("DOM.setFileInputFiles", {"nodeId": node, "files": [str(videos["face"])]})
-        assert _wait_js(page, "document.body.innerText.includes('Adjustable bbox_shift range')", timeout=90), (
+        assert wait_js(page, "document.body.innerText.includes('Adjustable bbox_shift range')", timeout=90), (
             browser.console
         )
-        assert _wait_js(page, "document.body.innerText.includes('frame 49: mask line')")
+        assert wait_js(page, "document.body.innerText.includes('frame 49: mask line')")
         name_field = "document.querySelector('textarea[placeholder^=\"e.g.\"]').value"
-        assert _wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
-        _screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
+        assert wait_js(page, f"{name_field} === 'astronaut'", timeout=10), page.evaluate(name_field)
+        screenshot(page, ARTIFACTS / "panel-avatars-preview.png")
     assert panel.client.predict("wreck", api_name="/delete_avatar") == "Deleted avatar 'wreck'."
     assert panel.client.predict("vintage", api_name="/delete_avatar") == "Deleted avatar 'vintage'."
 

@@ -163,11 +163,12 @@ prepare_avatar(models, AvatarStore(sys.argv[2]), sys.argv[3], "victim", progress
 """
 
 
+@pytest.mark.slow
 def test_kill_mid_write_leaves_old_avatar_intact(tiny_models_dir, tmp_path, face_video, prepared_avatar, avatar_store):
     """SIGKILL while re-preparing: the previous avatar stays loadable, no half avatar appears."""
     import shutil
 
-    from conftest import REPO
+    from helpers import REPO
 
     store_dir = tmp_path / "avatars"
     store = AvatarStore(store_dir)
@@ -254,8 +255,25 @@ def test_native_size_is_kept_and_odd_sizes_lose_a_row_not_a_resample(tmp_path):
 
     cv2.imwrite(str(src), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
     video = tmp_path / "noise.mkv"  # lossless RGB, so decoded pixels equal the image
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-loop", "1", "-i", str(src), "-t", "0.2",
-           "-r", "25", "-c:v", "ffv1", "-pix_fmt", "bgr0", str(video)]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-v",
+        "error",
+        "-loop",
+        "1",
+        "-i",
+        str(src),
+        "-t",
+        "0.2",
+        "-r",
+        "25",
+        "-c:v",
+        "ffv1",
+        "-pix_fmt",
+        "bgr0",
+        str(video),
+    ]
     subprocess.run(cmd, check=True)
     frames, info = read_video(video)
     assert info.source_size == (641, 361) and info.size == (640, 360)
@@ -325,8 +343,9 @@ def test_prepare_with_dwpose_landmarks(models, tmp_path, face_video):
     with_dwpose = replace(models, paths=ModelPaths(root))
     frames, _ = read_video(face_video)
     want = DWPose.from_file(dwpose_path(root)).landmarks68(frames[0])  # constant network: same for every frame
-    m = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "dw",
-                       PrepareSettings(max_seconds=0.4))
+    m = prepare_avatar(
+        with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "dw", PrepareSettings(max_seconds=0.4)
+    )
     assert m.preparation["landmark_source"] == "dwpose" and m.format_version == FORMAT_VERSION
     av = AvatarStore(tmp_path / "avatars").load("dw")
     box = face_box(want, 0, 10, (512, 512))
@@ -336,8 +355,14 @@ def test_prepare_with_dwpose_landmarks(models, tmp_path, face_video):
     shown = preview_video(with_dwpose, face_video, PrepareSettings(max_seconds=0.4), count=2)
     assert shown.landmark_source == "dwpose" and shown.notes[0].startswith("Landmarks: DWPose")
     assert shown.frames[0].box == box
-    off = prepare_avatar(with_dwpose, AvatarStore(tmp_path / "avatars"), face_video, "mesh",
-                         PrepareSettings(max_seconds=0.4, landmarks="offline"), max_side=384)
+    off = prepare_avatar(
+        with_dwpose,
+        AvatarStore(tmp_path / "avatars"),
+        face_video,
+        "mesh",
+        PrepareSettings(max_seconds=0.4, landmarks="offline"),
+        max_side=384,
+    )
     assert off.preparation["landmark_source"] == "offline"
     assert off.frame_size == (384, 384) and off.preparation["max_side"] == 384  # the keyword the panel passes
 

@@ -43,6 +43,7 @@ def tiny_report():
     return json.loads(proc.stdout)  # stdout is exactly one JSON object (progress goes to stderr)
 
 
+@pytest.mark.slow  # `python -m musetalk.bench --tiny` end to end
 def test_tiny_json_has_every_figure_positive(tiny_report):
     _check_figures(tiny_report, FIGURE_KEYS)
     assert tiny_report["byte_identical"] is True
@@ -55,6 +56,7 @@ def test_tiny_json_has_every_figure_positive(tiny_report):
     assert not any(k.startswith("approx_") for k in tiny_report)
 
 
+@pytest.mark.slow
 def test_text_report_says_tiny_is_not_representative(tiny_report):
     text = format_report(tiny_report)
     assert "NOT representative" in text

@@ -39,6 +39,7 @@ def wait_for_state(runner: BotRunner, states: tuple[str, ...], timeout: float):
     return runner.status()
 
 
+@pytest.mark.slow  # Daily needs ~20 s to give up on a room
 def test_unreachable_room_ends_in_error_then_runner_is_usable(models, prepared_avatar, captured_logs):
     before = {t.ident for t in threading.enumerate()}
     runner = BotRunner(models)

@@ -6,6 +6,7 @@ import asyncio
 
 import numpy as np
 import pytest
+from helpers import budget_for
 from pipecat.frames.frames import (
     InputAudioRawFrame,
     InterruptionFrame,
@@ -82,9 +83,11 @@ def run(processor, frames, **kw):
     return list(down)
 
 
-def test_mirror_mode_pairs_every_frame_with_its_audio(models, prepared_avatar, speech_pcm):
-    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=60.0))
+def test_mirror_mode_pairs_every_frame_with_its_audio(models, prepared_avatar, speech_pcm, frame_cost_s):
     seconds = 2.0
+    # A budget in which this device makes all 51 frames in time (from its measured cost, not a fixed minute).
+    budget = budget_for(int(seconds * 25) + 1, frame_cost_s)
+    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(latency_budget_s=budget))
     pcm = speech_pcm[: int(16000 * seconds)]
     tail = np.zeros(LOOKAHEAD_SAMPLES + 320, np.int16)  # lets the last frame's look-ahead arrive
     down = run(proc, [SleepFrame(0.3), VADUserStartedSpeakingFrame(), *room_audio(np.concatenate([pcm, tail]))])
@@ -92,7 +95,11 @@ def test_mirror_mode_pairs_every_frame_with_its_audio(models, prepared_avatar, s
     audio = [f for f in down if type(f) is OutputAudioRawFrame]
     assert len(synced) == len(audio) == int(seconds * 25) + 1 + (320 // 640)
     # order: image, then its own 40 ms of audio
-    order = [type(f) for f in down if isinstance(f, (OutputImageRawFrame, OutputAudioRawFrame)) and getattr(f, "sync_with_audio", True)]
+    order = [
+        type(f)
+        for f in down
+        if isinstance(f, (OutputImageRawFrame, OutputAudioRawFrame)) and getattr(f, "sync_with_audio", True)
+    ]
     assert order[:4] == [OutputImageRawFrame, OutputAudioRawFrame] * 2
     sent = np.concatenate([pcm, tail])
     for i, a in enumerate(audio[:50]):
@@ -158,14 +165,17 @@ def test_interruption_leaves_no_stale_frame(models, prepared_avatar, speech_pcm)
     assert len(images(after)) >= 10
 
 
-def test_speech_mode_lip_syncs_tts_audio_once(models, prepared_avatar, speech):
+def test_speech_mode_lip_syncs_tts_audio_once(models, prepared_avatar, speech, frame_cost_s):
     pcm24 = (load_audio(speech, sample_rate=24000) * 32767).astype(np.int16)
-    chunks = [TTSAudioRawFrame(pcm24[i : i + 2400].tobytes(), 24000, 1, context_id="c1") for i in range(0, len(pcm24), 2400)]
-    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=LiveSettings(mode="speech", latency_budget_s=60.0))
+    chunks = [
+        TTSAudioRawFrame(pcm24[i : i + 2400].tobytes(), 24000, 1, context_id="c1") for i in range(0, len(pcm24), 2400)
+    ]
+    expected = -(-len(pcm24) // 960)
+    settings = LiveSettings(mode="speech", latency_budget_s=budget_for(expected, frame_cost_s))
+    proc = MuseTalkProcessor(models=models, avatar=prepared_avatar, settings=settings)
     down = run(proc, [SleepFrame(0.3), TTSStartedFrame(), *chunks, TTSStoppedFrame()])
     tts = [f for f in down if isinstance(f, TTSAudioRawFrame)]
     synced = [f for f in images(down) if f.sync_with_audio]
-    expected = -(-len(pcm24) // 960)
     assert len(tts) == len(synced) == expected  # one 40 ms slice per frame, the original never passed on
     assert all(f.sample_rate == 24000 and len(f.audio) == 1920 and f.context_id == "c1" for f in tts)
     out = np.concatenate([np.frombuffer(f.audio, np.int16) for f in tts])
@@ -198,13 +208,13 @@ def test_slow_device_keeps_audio_flowing_and_says_so(models, prepared_avatar, sp
     assert "real time needs 25" in stats.warning
 
 
-def test_processors_share_an_injected_service_and_leave_it_when_done(models, prepared_avatar, speech_pcm):
+def test_processors_share_an_injected_service_and_leave_it_when_done(models, prepared_avatar, speech_pcm, frame_cost_s):
     from musetalk.live.service import GenerationService, ServiceSettings
 
     service = GenerationService(models, ServiceSettings(admission=False))
+    settings = LiveSettings(latency_budget_s=budget_for(2 * 13, frame_cost_s))  # both sessions' frames, one device
     procs = [
-        MuseTalkProcessor(models=models, avatar=prepared_avatar, service=service, settings=LiveSettings(latency_budget_s=60.0))
-        for _ in range(2)
+        MuseTalkProcessor(models=models, avatar=prepared_avatar, service=service, settings=settings) for _ in range(2)
     ]
     pcm = np.concatenate([speech_pcm[:8000], np.zeros(LOOKAHEAD_SAMPLES + 320, np.int16)])
     frames = [SleepFrame(0.3), VADUserStartedSpeakingFrame(), *room_audio(pcm)]

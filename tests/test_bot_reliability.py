@@ -20,7 +20,7 @@ import time
 import httpx
 import psutil
 import pytest
-from test_bot_runner import bot_threads, port_is_free, wait_no_new_threads, wait_until
+from helpers import bot_threads, port_is_free, wait_no_new_threads, wait_until
 from viewers import candidate_free_offer
 
 from musetalk.avatar.store import Avatar, AvatarStore
@@ -50,6 +50,7 @@ def timed_stop(runner: BotRunner):
     return status, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_hundred_start_stop_cycles_hold_no_memory(models, prepared_avatar):
     """One bot keeps running (with a viewer) while a second one is started and stopped 100 times."""
     from musetalk.bot.processor import MuseTalkProcessor
@@ -94,6 +95,7 @@ def test_hundred_start_stop_cycles_hold_no_memory(models, prepared_avatar):
     assert not wait_no_new_threads(before_threads)
 
 
+@pytest.mark.slow
 def test_stop_takes_effect_in_every_state_and_keeps_the_real_error(models, prepared_avatar, avatar_store):
     """Two Daily bots on an unreachable room side by side (Daily needs ~20 s to give up):
     one is stopped while it joins, the other is left to fail. Meanwhile a local bot is stopped

@@ -9,51 +9,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
-import threading
-import time
 
 import httpx
 import pytest
+from helpers import bot_threads, port_is_free, wait_no_new_threads, wait_until
 from viewers import candidate_free_offer
 
 from musetalk.bot.runner import BotRunner, BotStatus
 from musetalk.bot.transports import TransportSettings, validate_room_url
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
-
-
-def bot_threads() -> list[threading.Thread]:
-    return [t for t in threading.enumerate() if t is not threading.main_thread() and t.is_alive()]
-
-
-def wait_no_new_threads(before: set[int], timeout: float = 10.0) -> list[str]:
-    """Threads started since `before` that are still alive after `timeout` s (empty when none leaked)."""
-    deadline = time.monotonic() + timeout
-    while True:
-        extra = [t for t in bot_threads() if t.ident not in before]
-        if not extra or time.monotonic() > deadline:
-            return [t.name for t in extra]
-        time.sleep(0.1)
-
-
-def port_is_free(host: str, port: int) -> bool:
-    """Whether a server could listen on host:port now (SO_REUSEADDR, as servers do: closed
-    connections in TIME_WAIT do not count, a socket still listening does)."""
-    with socket.socket() as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def wait_until(predicate, timeout: float = 15.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(0.05)
-    return predicate()
 
 
 @pytest.fixture
@@ -245,7 +209,9 @@ def test_viewers_get_their_own_sessions_and_a_crash_ends_only_its_viewer(models,
     assert not leaked, f"threads left: {leaked}"
 
 
-def test_viewers_past_capacity_or_with_an_unknown_avatar_are_refused_with_the_reason(models, prepared_avatar, avatar_store):
+def test_viewers_past_capacity_or_with_an_unknown_avatar_are_refused_with_the_reason(
+    models, prepared_avatar, avatar_store
+):
     """The refusal reaches the viewer's page as the HTTP answer to its offer (not only a server log)."""
     from musetalk.live.service import GenerationService, ServiceSettings
 
@@ -255,7 +221,8 @@ def test_viewers_past_capacity_or_with_an_unknown_avatar_are_refused_with_the_re
         status = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
         with httpx.Client(base_url=status.url, timeout=30) as http:
             unknown = http.post(
-                "/api/offer", json={"sdp": candidate_free_offer(), "type": "offer", "request_data": {"avatar": "nobody"}}
+                "/api/offer",
+                json={"sdp": candidate_free_offer(), "type": "offer", "request_data": {"avatar": "nobody"}},
             )
             assert unknown.status_code == 503 and "No avatar named 'nobody'" in unknown.json()["detail"]
             first = http.post("/api/offer", json={"sdp": candidate_free_offer(), "type": "offer"})

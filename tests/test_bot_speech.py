@@ -15,6 +15,7 @@ import httpx
 import media
 import numpy as np
 import pytest
+from helpers import wait_until
 from loguru import logger
 from openai_standin import OpenAIStandIn, unreachable_url
 from pipecat.frames.frames import InputAudioRawFrame
@@ -36,15 +37,6 @@ LONG_TEXT = (
 )
 
 
-def wait_until(predicate, timeout: float = 20.0, step: float = 0.02) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if predicate():
-            return True
-        time.sleep(step)
-    return predicate()
-
-
 @pytest.fixture
 def runner(models):
     r = BotRunner(models, max_bots=3, service=GenerationService(models, ServiceSettings(admission=False)))
@@ -60,9 +52,9 @@ def open_viewer(runner: BotRunner, bot_id: str):
     assert answer.status_code == 200, answer.text
     pc_id = answer.json()["pc_id"]
     run = runner._runs[bot_id]
-    assert wait_until(lambda: pc_id in run.sessions), list(run.sessions)
+    assert wait_until(lambda: pc_id in run.sessions, 20), list(run.sessions)
     session = run.sessions[pc_id]
-    assert wait_until(lambda: session.processor.stats().frames > 3), "the viewer's pipeline emits video"
+    assert wait_until(lambda: session.processor.stats().frames > 3, 20), "the viewer's pipeline emits video"
     return run, session
 
 
@@ -109,7 +101,7 @@ def test_say_interrupt_and_say_again(runner, prepared_avatar):
 
     t_stop = time.monotonic()
     runner.interrupt(status.bot_id)
-    assert wait_until(lambda: not runner.status(status.bot_id).speaking, 1.0), "silent within a second"
+    assert wait_until(lambda: not runner.status(status.bot_id).speaking, 1.0, step=0.02), "silent within a second"
     stopped_after = time.monotonic() - t_stop
     time.sleep(0.5)
     after = session.processor.stats().generated_frames
@@ -170,12 +162,11 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
         # sends the user's next words together with the words it interrupted.
         said = next(m["content"] for m in reversed(messages) if m["role"] == "user")
         return next(reply for heard_text, reply in reversed(replies.items()) if said.endswith(heard_text))
+
     logs: list[str] = []
     sink = logger.add(lambda m: logs.append(str(m)), level="DEBUG")
     try:
-        with OpenAIStandIn(
-            transcribe=transcribe, reply=answer, require_key=SECRET
-        ) as api:
+        with OpenAIStandIn(transcribe=transcribe, reply=answer, require_key=SECRET) as api:
             setup = SpeechSetup(conversation_config(api), KEYS)
             live = LiveSettings(mode="conversation", latency_budget_s=1.0)
             status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0), live, speech=setup)
@@ -197,6 +188,7 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
             context = api.chat_requests()[1].messages
             assert [m["role"] for m in context] == ["system", "user", "assistant", "user"], context
             assert "Astro" in context[2]["content"]
+
             def long_answer_heard() -> bool:
                 turns = runner.status(bot).transcript
                 asked = [i for i, t in enumerate(turns) if t["role"] == "user" and "long story" in t["text"]]
@@ -206,7 +198,9 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
             time.sleep(0.3)
             t_barge = time.monotonic()
             speak_into(run, session, hello, silence_s=0.0)  # the user starts speaking over it
-            assert wait_until(lambda: not runner.status(bot).speaking, 3.0), "the reply stops when the user speaks"
+            assert wait_until(lambda: not runner.status(bot).speaking, 3.0, step=0.02), (
+                "the reply stops when the user speaks"
+            )
             barge_ms = (time.monotonic() - t_barge) * 1000
             speak_into(run, session, np.zeros(0, np.int16), silence_s=1.2)
             assert wait_until(lambda: any(t["text"] == "Okay." for t in runner.status(bot).transcript), 30)
@@ -222,17 +216,17 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
           f"barge-in silenced the reply in {barge_ms:.0f} ms (queued audio, no real time)")  # fmt: skip
 
 
-def test_a_failing_llm_leaves_the_avatar_idle_and_the_bot_running(runner, prepared_avatar, user_pcm):
+def test_a_failing_llm_leaves_the_avatar_idle_and_the_bot_running(runner, prepared_avatar, hello_pcm):
     with OpenAIStandIn(transcribe=lambda wav: "Hello?", fail_after=1) as api:
         config = conversation_config(api)
         setup = SpeechSetup(BotConfig(config.system_prompt, config.stt, ServiceConfig("llm", "openai", api.base_url, "m"), ESPEAK), KEYS)  # fmt: skip
         status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0),
                               LiveSettings(mode="conversation", latency_budget_s=1.0), speech=setup)  # fmt: skip
         run, session = open_viewer(runner, status.bot_id)
-        speak_into(run, session, user_pcm)
+        speak_into(run, session, hello_pcm)
         assert wait_until(lambda: any(t["role"] == "avatar" for t in runner.status(status.bot_id).transcript), 30)
         assert wait_until(lambda: not runner.status(status.bot_id).speaking, 20)
-        speak_into(run, session, user_pcm)  # this time the LLM answers HTTP 500
+        speak_into(run, session, hello_pcm)  # this time the LLM answers HTTP 500
         assert wait_until(lambda: any(t["role"] == "error" for t in runner.status(status.bot_id).transcript), 30)
         time.sleep(1.0)
         now = runner.status(status.bot_id)
@@ -253,14 +247,22 @@ def test_bad_speech_setups_fail_the_start_with_a_sentence(runner, prepared_avata
             runner.start(prepared_avatar, local, conversation, speech=wrong)
         assert "wrong-key" not in str(refused.value)
     dead = unreachable_url()
-    config = BotConfig(llm=ServiceConfig("llm", "openai", dead, "llama3.2"), stt=ServiceConfig("stt", "openai", dead, "w"))
-    config = BotConfig(system_prompt="x", stt=config.stt, llm=config.llm, tts=ESPEAK, source="configs/bot/conversation.yaml")
+    config = BotConfig(
+        llm=ServiceConfig("llm", "openai", dead, "llama3.2"), stt=ServiceConfig("stt", "openai", dead, "w")
+    )
+    config = BotConfig(
+        system_prompt="x", stt=config.stt, llm=config.llm, tts=ESPEAK, source="configs/bot/conversation.yaml"
+    )
     t0 = time.monotonic()
-    with pytest.raises(MuseTalkError, match=f"No speech-to-text service answers at {dead}: start it or set stt.base_url"):
+    with pytest.raises(
+        MuseTalkError, match=f"No speech-to-text service answers at {dead}: start it or set stt.base_url"
+    ):
         runner.start(prepared_avatar, local, conversation, speech=SpeechSetup(config, KEYS))
     assert time.monotonic() - t0 < 10
     llm_only = BotConfig(system_prompt="x", stt=ServiceConfig("stt", "whisper"), llm=config.llm, tts=ESPEAK)
-    with pytest.raises(MuseTalkError, match=f"No LLM answers at {dead}: start Ollama .* set llm.base_url in configs/bot"):
+    with pytest.raises(
+        MuseTalkError, match=f"No LLM answers at {dead}: start Ollama .* set llm.base_url in configs/bot"
+    ):
         runner.start(prepared_avatar, local, conversation, speech=SpeechSetup(llm_only, KEYS))
     with pytest.raises(ConfigError, match="needs a bot config"):
         runner.start(prepared_avatar, local, LiveSettings(mode="say"))
@@ -295,7 +297,9 @@ def test_bot_config_files_that_cannot_work_are_refused_with_a_sentence(tmp_path,
 def test_the_shipped_bot_config_reads_and_names_keys_by_variable():
     config = load_bot_config()
     assert config.stt.api_key_env == "STT_API_KEY" and config.llm.api_key_env == "LLM_API_KEY"
-    assert config.tts.service == "espeak" and "Answer briefly" in config.system_prompt or "briefly" in config.system_prompt
+    assert (
+        config.tts.service == "espeak" and "Answer briefly" in config.system_prompt or "briefly" in config.system_prompt
+    )
     assert config.describe()["llm"] == "openai model=llama3.2 base_url=http://127.0.0.1:11434/v1 key from $LLM_API_KEY"
     with pytest.raises(ConfigError, match="does not exist"):
         load_bot_config("nowhere/bot.yaml")

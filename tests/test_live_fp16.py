@@ -43,6 +43,7 @@ def frames_through_service(models, avatar, window: FrameRequest):
         svc.close()
 
 
+@pytest.mark.slow  # two model sets, two services
 def test_half_precision_on_cpu_matches_float32_closely(avatar):
     rng = np.random.default_rng(0)
     stream = StreamingAudioFeatures()

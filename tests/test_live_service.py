@@ -62,7 +62,10 @@ def renamed(avatar, name):
 
 @pytest.fixture(scope="module")
 def avatars():
-    return [renamed(synthetic_avatar(frames=3, size=(192, 160), face_box=(60, 30, 140, 120), seed=s), f"av{s}") for s in range(4)]
+    return [
+        renamed(synthetic_avatar(frames=3, size=(192, 160), face_box=(60, 30, 140, 120), seed=s), f"av{s}")
+        for s in range(4)
+    ]
 
 
 def request(session_id, seqs, features, *, positions=None, due=None):
@@ -254,7 +257,7 @@ def test_the_worker_ends_when_the_last_session_closes(models, avatars):
 def test_the_speed_estimate_recovers_when_the_device_gets_faster(models, avatars):
     svc = service(models, gather_s=0.01)
     avatar_id = svc.add_avatar(avatars[0])
-    slow = models.unet.register_forward_pre_hook(lambda module, args: time.sleep(2.0))
+    slow = models.unet.register_forward_pre_hook(lambda module, args: time.sleep(1.0))
     try:
         svc.calibrate(avatar_id, repeats=1)
     finally:

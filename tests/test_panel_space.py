@@ -17,11 +17,14 @@ import threading
 from pathlib import Path
 
 import pytest
+from browser import screenshot, wait_js
 from gradio_client import Client
+from helpers import ARTIFACTS, PanelServer, panel_env, poll
 from hub_standin import HubStandIn
-from test_app import ARTIFACTS, PanelServer, _screenshot, _wait_js, panel_env, poll
 
 from musetalk import weights
+
+pytestmark = pytest.mark.slow  # a panel fetching from a hub, watched in Chromium
 
 UNET_KEY = "TMElyralab/MuseTalk/musetalkV15/unet.pth"
 DWPOSE = "dwpose/dw-ll_ucoco_384.onnx"  # optional, and not on the hub stand-in
@@ -51,7 +54,7 @@ def piper_stand_in(filename: str) -> bytes:
 
 
 @pytest.fixture(scope="module")
-def space(tiny_models_dir, tmp_path_factory):
+def space(tiny_models_dir, tmp_path_factory, finish_later):
     tmp = tmp_path_factory.mktemp("space")
     models = tmp / "models"
     for folder in ("face-landmarks", "face-parse-bisent"):  # not from the model hub
@@ -76,8 +79,7 @@ def space(tiny_models_dir, tmp_path_factory):
             yield server
         finally:
             hub.hold[UNET_KEY].set()
-            code = server.stop()
-            assert code == 0, f"app.py exited with {code}:\n{server.log.read_text()[-3000:]}"
+            finish_later("the Space panel", server.stop_checked)  # Ctrl-C and exit code 0, while tests go on
 
 
 def models_state(space) -> str:
@@ -87,11 +89,11 @@ def models_state(space) -> str:
 def open_system_tab(browser, url: str):
     page = browser.new_page(url)
     page.call("Emulation.setDeviceMetricsOverride", {"width": 1400, "height": 900, "deviceScaleFactor": 1, "mobile": False})  # fmt: skip
-    assert _wait_js(page, "document.querySelectorAll('button[role=tab]').length >= 4"), browser.console
+    assert wait_js(page, "document.querySelectorAll('button[role=tab]').length >= 4"), browser.console
     page.evaluate(
         "[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === 'System').click()"
     )
-    assert _wait_js(page, "document.body.innerText.includes('Weight files')")
+    assert wait_js(page, "document.body.innerText.includes('Weight files')")
     return page
 
 
@@ -105,15 +107,15 @@ def test_a_fresh_space_fetches_the_weights_loads_and_turns_ready(space):
         with Chromium() as browser:
             page = open_system_tab(browser, space.url)
             banner = "document.getElementById('models-banner').innerText"
-            assert _wait_js(page, f"{banner}.includes('Fetching musetalkV15/unet.pth')"), page.evaluate(banner)
-            _screenshot(page, ARTIFACTS / "space-startup-fetching.png")
+            assert wait_js(page, f"{banner}.includes('Fetching musetalkV15/unet.pth')"), page.evaluate(banner)
+            screenshot(page, ARTIFACTS / "space-startup-fetching.png")
             space.hub.hold[UNET_KEY].set()
-            assert _wait_js(page, "document.body.innerText.includes('Models ready')", timeout=120)
+            assert wait_js(page, "document.body.innerText.includes('Models ready')", timeout=120)
             # On a Space the Live tab starts on a Daily room (a Space takes no WebRTC to a local page).
             page.evaluate(
                 "[...document.querySelectorAll('button[role=tab]')].find(b => b.textContent.trim() === 'Live').click()"
             )
-            assert _wait_js(page, "document.body.innerText.includes('Daily room URL')")
+            assert wait_js(page, "document.body.innerText.includes('Daily room URL')")
     space.hub.hold[UNET_KEY].set()
     state = poll(lambda: models_state(space), lambda s: s.startswith("ready"), timeout=120)
     assert state.startswith("ready"), state
@@ -149,25 +151,23 @@ def test_fetch_weights_button_repairs_damaged_and_missing_files(space):
         page = open_system_tab(browser, space.url)
         page.evaluate("document.getElementById('system-refresh-btn').click()")
         table = "document.getElementById('weights-table').innerText"
-        assert _wait_js(page, f"{table}.includes('damaged') && {table}.match(/missing/g).length === 2"), page.evaluate(
+        assert wait_js(page, f"{table}.includes('damaged') && {table}.match(/missing/g).length === 2"), page.evaluate(
             table
         )
-        _screenshot(page, ARTIFACTS / "panel-system-weights-before.png")
+        screenshot(page, ARTIFACTS / "panel-system-weights-before.png")
 
         page.evaluate("document.getElementById('fetch-weights-btn').click()")
-        assert _wait_js(page, "document.body.innerText.includes('Fetching musetalkV15/unet.pth')"), page.evaluate(
+        assert wait_js(page, "document.body.innerText.includes('Fetching musetalkV15/unet.pth')"), page.evaluate(
             "document.body.innerText"
         )
-        _screenshot(page, ARTIFACTS / "panel-system-weights-during.png")
+        screenshot(page, ARTIFACTS / "panel-system-weights-during.png")
         space.hub.hold[UNET_KEY].set()
 
-        assert _wait_js(
-            page, "document.getElementById('fetch-note').innerText.includes('Fetched 2 files')", timeout=120
-        )
-        assert _wait_js(page, "document.body.innerText.includes('Models ready')", timeout=120)
-        assert _wait_js(page, f"!{table}.includes('damaged') && {table}.match(/missing/g).length === 1")
-        assert _wait_js(page, "document.body.innerText.includes('ready: cpu')", timeout=60)
-        _screenshot(page, ARTIFACTS / "panel-system-weights-after.png")
+        assert wait_js(page, "document.getElementById('fetch-note').innerText.includes('Fetched 2 files')", timeout=120)
+        assert wait_js(page, "document.body.innerText.includes('Models ready')", timeout=120)
+        assert wait_js(page, f"!{table}.includes('damaged') && {table}.match(/missing/g).length === 1")
+        assert wait_js(page, "document.body.innerText.includes('ready: cpu')", timeout=60)
+        screenshot(page, ARTIFACTS / "panel-system-weights-after.png")
     info = space.client.predict(api_name="/system_info")
     states = {f["file"]: f["state"] for f in info["weight_files"]}
     assert states.pop(DWPOSE) == "missing"

@@ -14,6 +14,8 @@ import time
 
 import numpy as np
 import pytest
+from helpers import START_SERVER, LineReader, PanelServer, panel_env, pid_alive, poll, wait_until, write_config
+from viewers import candidate_free_offer
 
 from musetalk.config import RuntimeSettings
 from musetalk.errors import ConfigError, MuseTalkError
@@ -63,14 +65,6 @@ class Results:
                 self.changed.wait(left)
 
 
-def pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
 def renamed(avatar, name):
     return dataclasses.replace(avatar, manifest=dataclasses.replace(avatar.manifest, name=name))
 
@@ -110,6 +104,7 @@ SESSIONS = [("s1", 0), ("s2", 0), ("s3", 1)]  # 3 sessions, 2 avatars
 
 
 @needs_ray
+@pytest.mark.slow
 def test_ray_frames_equal_inprocess_and_sessions_stay_on_their_replica(ray_client, models, avatars):
     feats = {sid: synthetic_features(6, models.audio_dim, seed=k).numpy() for k, (sid, _) in enumerate(SESSIONS)}
     local = GenerationService(models, ServiceSettings(**SERVICE))
@@ -147,6 +142,7 @@ def test_ray_frames_equal_inprocess_and_sessions_stay_on_their_replica(ray_clien
 
 
 @needs_ray
+@pytest.mark.slow
 def test_ray_replica_killed_mid_speech_sessions_go_on(ray_client, models, avatars):
     sinks = {sid: Results() for sid, _ in SESSIONS}
     ids = {sid: f"k{sid}" for sid, _ in SESSIONS}
@@ -179,6 +175,7 @@ def test_ray_replica_killed_mid_speech_sessions_go_on(ray_client, models, avatar
 
 
 @needs_ray
+@pytest.mark.slow
 def test_ray_live_sessions_through_the_client_lip_sync_every_speech_frame(ray_client, avatars):
     """LiveSession (audio windows, not ready features) over the Ray client, as a bot drives it."""
     from musetalk.bench.streams import StreamsOptions, run_streams_remote
@@ -209,6 +206,7 @@ def test_bots_are_worker_processes_only_where_this_process_is_a_cluster_node(mod
 
 
 @needs_ray
+@pytest.mark.slow
 def test_unreachable_ray_address_fails_fast():
     start = time.monotonic()
     with pytest.raises(BackendError, match="No Ray cluster answers"):
@@ -241,12 +239,11 @@ def test_avatar_blob_round_trip_digest_and_cache(tmp_path, avatars):
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, prepared_avatar):
     """What the panel and start_pipecat_server.py do with --backend ray: a BotRunner whose service is
     the Ray client; a viewer's session opens on a replica, its video flows, stop closes the session."""
     import httpx
-    from test_bot_runner import wait_until
-    from viewers import candidate_free_offer
 
     from musetalk.bot.runner import BotRunner
     from musetalk.bot.transports import TransportSettings
@@ -266,12 +263,11 @@ def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, pre
 
 
 @needs_ray
+@pytest.mark.slow
 def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_client, avatar_store, prepared_avatar):
     """Each bot runs in a Ray worker process of its own; kill -9 of one: its status says so, the other bot's
     viewer keeps getting frames, the dead bot's session is freed on the replica, and a new bot starts."""
     import httpx
-    from test_bot_runner import wait_until
-    from viewers import candidate_free_offer
 
     from musetalk.bot.transports import TransportSettings
     from musetalk.bot.workers import WorkerBotRunner
@@ -288,7 +284,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
         with pytest.raises(Exception, match="2 bots are running"):
             runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
         for bot in bots:
-            answer = httpx.post(bot.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+            answer = httpx.post(
+                bot.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60
+            )
             assert answer.status_code == 200, answer.text
         assert wait_until(lambda: all(runner.status(b.bot_id).frames > 10 for b in bots), 60), runner.bots()
         assert runner.avatar_in_use(prepared_avatar.name)
@@ -302,7 +300,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
         assert f"pid {victim.worker_pid}" in dead.last_error and "died" in dead.last_error, dead
         assert dead.viewers == 0 and runner.running_ids() == [survivor.bot_id]
         frames = runner.status(survivor.bot_id).frames
-        assert wait_until(lambda: runner.status(survivor.bot_id).frames > frames + 10, 30), runner.status(survivor.bot_id)
+        assert wait_until(lambda: runner.status(survivor.bot_id).frames > frames + 10, 30), runner.status(
+            survivor.bot_id
+        )
         assert runner.status(survivor.bot_id).state == "running"
         # The replica closes the dead bot's session once nobody polls it (ORPHAN_S).
         assert wait_until(lambda: ray_client.stats().sessions == before + 1, 40), ray_client.stats()
@@ -315,7 +315,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
             busy.listen()
             port = busy.getsockname()[1]
             with pytest.raises(MuseTalkError, match=f"Port {port} on 127.0.0.1 is already in use"):
-                runner.start(prepared_avatar.name, TransportSettings(kind="local", port=port), avatar_store=avatar_store)
+                runner.start(
+                    prepared_avatar.name, TransportSettings(kind="local", port=port), avatar_store=avatar_store
+                )
         failed = runner.bots()[-1]
         assert failed.state == "error" and failed.worker_pid and failed.worker_pid not in pids, failed
         assert runner.join_closing(60) and wait_until(lambda: not pid_alive(failed.worker_pid), 15)
@@ -329,7 +331,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
             assert {b.state for b in runner.bots()} <= {"starting", "running", "stopped", "error"}
             time.sleep(0.2)
         again = starts[0]
-        assert again.state == "running" and again.worker_pid not in pids and runner.status(again.bot_id).state == "running"
+        assert (
+            again.state == "running" and again.worker_pid not in pids and runner.status(again.bot_id).state == "running"
+        )
 
         # Stopped while its worker process is still starting: "stopped" at once, and nothing runs after.
         starts.clear()
@@ -337,7 +341,9 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
                                                                             avatar_store=avatar_store)))  # fmt: skip
         runner.stop(again.bot_id, timeout=10)
         thread.start()
-        assert wait_until(lambda: runner.bots()[-1].state == "starting" and runner.bots()[-1].bot_id != again.bot_id, 10)
+        assert wait_until(
+            lambda: runner.bots()[-1].state == "starting" and runner.bots()[-1].bot_id != again.bot_id, 10
+        )
         late = runner.bots()[-1]
         assert runner.stop(late.bot_id).state == "stopped"
         thread.join(120)
@@ -351,13 +357,13 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
 
 
 @needs_ray
+@pytest.mark.slow
 def test_the_panel_drives_bot_workers_on_the_ray_backend(ray_client, avatar_store, prepared_avatar, tiny_models_dir,
                                                           tmp_path):  # fmt: skip
     """app.py --backend ray joins this machine's cluster: the same API names start bots in worker processes;
     one killed shows its error in the panel while the other runs on, and stop works for both."""
     import httpx
     from gradio_client import Client
-    from test_app import PanelServer, candidate_free_offer, panel_env, poll
 
     server = PanelServer(["--backend", "ray", "--max-bots", "2"],
                          panel_env(tiny_models_dir, avatar_store.root, tmp_path), tmp_path / "app.log")  # fmt: skip
@@ -370,7 +376,9 @@ def test_the_panel_drives_bot_workers_on_the_ray_backend(ray_client, avatar_stor
         for bot in (first, second):
             assert bot["state"] == "running" and bot["worker_pid"] not in (None, server.proc.pid, os.getpid()), bot
         assert first["worker_pid"] != second["worker_pid"]
-        answer = httpx.post(second["url"] + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
+        answer = httpx.post(
+            second["url"] + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60
+        )
         assert answer.status_code == 200, answer.text
 
         def bots() -> dict:
@@ -394,6 +402,7 @@ def test_the_panel_drives_bot_workers_on_the_ray_backend(ray_client, avatar_stor
 
 
 @needs_ray
+@pytest.mark.slow
 def test_start_pipecat_server_runs_its_bot_in_a_worker_process(ray_client, avatar_store, prepared_avatar,
                                                                tiny_models_dir, tmp_path):  # fmt: skip
     """start_pipecat_server.py --backend ray on a machine with a cluster: the bot is a worker process, its page
@@ -402,13 +411,12 @@ def test_start_pipecat_server_runs_its_bot_in_a_worker_process(ray_client, avata
     import sys
 
     import httpx
-    from test_start_server import SCRIPT, LineReader, write_config
 
     config = write_config(tmp_path / "realtime.yaml", prepared_avatar.name, preparation=False)
     env = {**os.environ, "MUSETALK_MODELS_DIR": str(tiny_models_dir), "MUSETALK_AVATARS_DIR": str(avatar_store.root),
            "MUSETALK_DEVICE": "cpu"}  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--local", "--port", "0", "--config", str(config), "--skip-checks",
+        [sys.executable, str(START_SERVER), "--local", "--port", "0", "--config", str(config), "--skip-checks",
          "--backend", "ray"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
@@ -430,18 +438,15 @@ def test_start_pipecat_server_runs_its_bot_in_a_worker_process(ray_client, avata
             proc.wait()
     output = reader.rest()
     assert "Stopped cleanly" in output and "Traceback" not in output, output[-3000:]
-    from test_bot_runner import wait_until
-
     assert wait_until(lambda: not pid_alive(pid), 20)
 
 
 @needs_ray
+@pytest.mark.slow
 def test_a_say_bot_in_a_worker_process_speaks_and_stops(ray_client, avatar_store, prepared_avatar):
     """Say mode through a bot worker: the worker gets the bot config (and only the keys it names), say()
     and interrupt() reach its pipeline; the key never shows in a status."""
     import httpx
-    from test_bot_runner import wait_until
-    from viewers import candidate_free_offer
 
     from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup
     from musetalk.bot.processor import LiveSettings

@@ -3,22 +3,18 @@
 from __future__ import annotations
 
 import os
-import queue
 import re
 import signal
 import socket
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 
 import httpx
 import pytest
-import yaml
+from helpers import START_SERVER, LineReader, write_config
 
 REPO = Path(__file__).resolve().parent.parent
-SCRIPT = REPO / "start_pipecat_server.py"
 SEED_OPTIONS = ("--room-url", "--token", "--config", "--verbose", "--skip-checks")
 
 
@@ -26,60 +22,9 @@ def cli(
     args: list[str], cwd: Path, env: dict[str, str] | None = None, timeout: float = 60
 ) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, str(SCRIPT), *args], cwd=cwd, env={**os.environ, **(env or {})},
+        [sys.executable, str(START_SERVER), *args], cwd=cwd, env={**os.environ, **(env or {})},
         capture_output=True, text=True, timeout=timeout,
     )  # fmt: skip
-
-
-def write_config(path: Path, name: str, preparation: bool, video: Path | None = None) -> Path:
-    body = {
-        name: {
-            "preparation": preparation,
-            "bbox_shift": 0,
-            "video_path": str(video) if video else None,
-            "audio_clips": {},
-        }
-    }
-    path.write_text(yaml.safe_dump(body, sort_keys=False))
-    return path
-
-
-class LineReader:
-    """Collects a process's output lines on a thread, so a test can wait for one with a timeout."""
-
-    def __init__(self, stream):
-        self.lines: list[str] = []
-        self._queue: queue.Queue[str | None] = queue.Queue()
-        self._thread = threading.Thread(target=self._pump, args=(stream,), daemon=True)
-        self._thread.start()
-
-    def _pump(self, stream) -> None:
-        for line in stream:
-            self._queue.put(line)
-        self._queue.put(None)
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match | None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                line = self._queue.get(timeout=0.2)
-            except queue.Empty:
-                continue
-            if line is None:
-                return None
-            self.lines.append(line)
-            match = re.search(pattern, line)
-            if match:
-                return match
-        return None
-
-    def rest(self, timeout: float = 5) -> str:
-        self._thread.join(timeout)
-        while not self._queue.empty():
-            line = self._queue.get()
-            if line is not None:
-                self.lines.append(line)
-        return "".join(self.lines)
 
 
 def test_help_lists_the_seed_options(tmp_path):
@@ -90,35 +35,56 @@ def test_help_lists_the_seed_options(tmp_path):
     assert "configs/inference/realtime.yaml" in result.stdout
 
 
-def test_without_room_or_local_it_says_how_to_use_it(tmp_path):
-    result = cli([], tmp_path)
+MALFORMED_URLS = ["http://acme.daily.co/room", "https://acme.daily.co/", "acme.daily.co/room"]
+BAD_LIMITS = [(["--max-sessions", "0"], "max_sessions"), (["--latency-budget", "-1"], "--latency-budget")]
+CLI_TOKEN = "secret-cli-token"
+
+
+@pytest.fixture(scope="module")
+def refused(tmp_path_factory) -> dict[tuple[str, ...], tuple[subprocess.CompletedProcess, Path]]:
+    """The runs that must be refused before anything loads, each in a folder of its own: started together,
+    two at a time (each is mostly the interpreter starting), so the tests below only read their answers."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    runs = [
+        [],
+        ["--local", "--room-url", "https://acme.daily.co/room"],
+        *(["--room-url", url, "--token", CLI_TOKEN] for url in MALFORMED_URLS),
+        *(["--local", *flags] for flags, _ in BAD_LIMITS),
+    ]
+    folders = [tmp_path_factory.mktemp("refused") for _ in runs]
+    with ThreadPoolExecutor(2) as pool:
+        results = list(pool.map(cli, runs, folders))
+    return {tuple(args): (result, folder) for args, result, folder in zip(runs, results, folders)}
+
+
+def test_without_room_or_local_it_says_how_to_use_it(refused):
+    result, _ = refused[()]
     assert result.returncode == 2
     assert "usage:" in result.stderr and "--room-url" in result.stderr and "--local" in result.stderr
     assert "Traceback" not in result.stderr
-    both = cli(["--local", "--room-url", "https://acme.daily.co/room"], tmp_path)
+    both, _ = refused[("--local", "--room-url", "https://acme.daily.co/room")]
     assert both.returncode == 2 and "not both" in both.stderr
 
 
-@pytest.mark.parametrize("url", ["http://acme.daily.co/room", "https://acme.daily.co/", "acme.daily.co/room"])
-def test_malformed_room_url_fails_before_loading_anything(tmp_path, url):
-    result = cli(["--room-url", url, "--token", "secret-cli-token"], tmp_path)
+@pytest.mark.parametrize("url", MALFORMED_URLS)
+def test_malformed_room_url_fails_before_loading_anything(refused, url):
+    result, folder = refused[("--room-url", url, "--token", CLI_TOKEN)]
     assert result.returncode == 2
     assert result.stderr.startswith("error: ") and "Daily room URL" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
-    assert "secret-cli-token" not in result.stderr + result.stdout
-    assert not (tmp_path / "musetalk_pipecat.log").exists()  # it stopped before logging even started
+    assert CLI_TOKEN not in result.stderr + result.stdout
+    assert not (folder / "musetalk_pipecat.log").exists()  # it stopped before logging even started
 
 
-@pytest.mark.parametrize(
-    ("flags", "message"),
-    [(["--max-sessions", "0"], "max_sessions"), (["--latency-budget", "-1"], "--latency-budget")],
-)
-def test_bad_live_limits_fail_before_loading_anything(tmp_path, flags, message):
-    result = cli(["--local", *flags], tmp_path)
+@pytest.mark.parametrize(("flags", "message"), BAD_LIMITS)
+def test_bad_live_limits_fail_before_loading_anything(refused, flags, message):
+    result, _ = refused[("--local", *flags)]
     assert result.returncode == 2 and result.stderr.startswith("error: ") and message in result.stderr
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the CLI checks every weight file
 def test_missing_weights_are_listed_with_the_fix(tmp_path):
     config = write_config(tmp_path / "realtime.yaml", "someone", preparation=False)
     empty = tmp_path / "no-models"
@@ -141,6 +107,7 @@ def test_unprepared_avatar_is_a_clear_error(tmp_path, tiny_models_dir):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.slow  # the CLI prepares an avatar, serves it, and is stopped
 def test_local_server_prepares_serves_and_stops_on_ctrl_c(tmp_path, tiny_models_dir, face_video):
     """preparation: True -> the avatar is prepared (progress in the log), the page is served,
     SIGINT stops everything with exit code 0 and frees the port."""
@@ -153,7 +120,7 @@ def test_local_server_prepares_serves_and_stops_on_ctrl_c(tmp_path, tiny_models_
         "MUSETALK_DEVICE": "cpu",
     }
     proc = subprocess.Popen(
-        [sys.executable, str(SCRIPT), "--local", "--port", "0", "--config", str(config), "--skip-checks"],
+        [sys.executable, str(START_SERVER), "--local", "--port", "0", "--config", str(config), "--skip-checks"],
         cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     reader = LineReader(proc.stderr)
@@ -183,30 +150,42 @@ def test_local_server_prepares_serves_and_stops_on_ctrl_c(tmp_path, tiny_models_
     assert "Local page:" in log and "Stopped cleanly" in log
 
 
+@pytest.mark.slow  # four runs of the CLI
 def test_speaking_modes_refuse_a_bad_bot_config_before_loading_anything(tmp_path, tiny_models_dir):
     """--mode say / conversation: a bot config that cannot work is one sentence, exit 2, before the models load."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from openai_standin import unreachable_url
+
     config = write_config(tmp_path / "realtime.yaml", "ghost", preparation=False)
     env = {"MUSETALK_MODELS_DIR": str(tiny_models_dir), "MUSETALK_AVATARS_DIR": str(tmp_path / "avatars")}
     not_a_mapping = tmp_path / "list.yaml"
     not_a_mapping.write_text("- a\n- b\n")
-    result = cli(["--local", "--mode", "say", "--bot-config", str(not_a_mapping)], tmp_path, env=env)
-    assert result.returncode == 2 and result.stderr.startswith("error: ") and "must be a YAML mapping" in result.stderr
-    missing = cli(["--local", "--mode", "conversation", "--bot-config", str(tmp_path / "nope.yaml")], tmp_path, env=env)
-    assert missing.returncode == 2 and "nope.yaml does not exist" in missing.stderr
-
-    from openai_standin import unreachable_url
-
     dead = tmp_path / "dead.yaml"
     dead.write_text(
         f"stt: {{service: openai, base_url: '{unreachable_url()}', model: whisper-1}}\n"
         f"llm: {{service: openai, base_url: '{unreachable_url()}', model: m, api_key_env: MUSETALK_TEST_UNSET_KEY}}\n"
     )
-    unset = cli(["--local", "--port", "0", "--config", str(config), "--skip-checks", "--mode", "conversation",
-                 "--bot-config", str(dead)], tmp_path, env=env, timeout=120)  # fmt: skip
+    unset_key = tmp_path / "unset-key.yaml"
+    unset_key.write_text(
+        dead.read_text().replace("model: whisper-1}", "model: whisper-1, api_key_env: MUSETALK_TEST_UNSET_KEY}")
+    )
+    serve = ["--local", "--port", "0", "--config", str(config), "--skip-checks", "--mode", "conversation"]
+    runs = [
+        ["--local", "--mode", "say", "--bot-config", str(not_a_mapping)],
+        ["--local", "--mode", "conversation", "--bot-config", str(tmp_path / "nope.yaml")],
+        [*serve, "--bot-config", str(dead)],
+        [*serve, "--bot-config", str(unset_key)],
+    ]
+    with ThreadPoolExecutor(2) as pool:  # independent runs, two at a time (each is mostly interpreter start-up)
+        result, missing, unset, unset_again = pool.map(lambda args: cli(args, tmp_path, env=env, timeout=120), runs)
+    assert result.returncode == 2 and result.stderr.startswith("error: ") and "must be a YAML mapping" in result.stderr
+    assert missing.returncode == 2 and "nope.yaml does not exist" in missing.stderr
     assert unset.returncode == 2, unset.stderr
-    assert re.search(r"No speech-to-text service answers at http://127\.0\.0\.1:\d+/v1: start it or set stt\.base_url in .*dead\.yaml", unset.stderr), unset.stderr
+    assert re.search(
+        r"No speech-to-text service answers at http://127\.0\.0\.1:\d+/v1: start it or set stt\.base_url in .*dead\.yaml",
+        unset.stderr,
+    ), unset.stderr
     assert "Traceback" not in unset.stderr and "Loading the models" not in unset.stderr
-    dead.write_text(dead.read_text().replace("model: whisper-1}", "model: whisper-1, api_key_env: MUSETALK_TEST_UNSET_KEY}"))
-    unset = cli(["--local", "--port", "0", "--config", str(config), "--skip-checks", "--mode", "conversation",
-                 "--bot-config", str(dead)], tmp_path, env=env, timeout=120)  # fmt: skip
-    assert unset.returncode == 2 and "stt.api_key_env names MUSETALK_TEST_UNSET_KEY, which is not set" in unset.stderr
+    assert unset_again.returncode == 2, unset_again.stderr
+    assert "stt.api_key_env names MUSETALK_TEST_UNSET_KEY, which is not set" in unset_again.stderr

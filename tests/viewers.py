@@ -1,8 +1,26 @@
-"""A WebRTC viewer for tests that need the bot's pipeline running but no media (shared by several test files)."""
+"""Viewers of a bot for tests: a media-less WebRTC offer, and a headless Chromium on the bot's local page.
+
+`candidate_free_offer()` starts a viewer pipeline without any media (no ICE candidates). The rest is
+for the browser tests (test_bot_browser.py, test_bot_speech_browser.py): open the local page in
+Chromium (tests/browser.py) inside a private network namespace (tests/netns.py), and compare the
+face the browser shows with the avatar's own frames (64x64 grey crops of one face box).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import time
+
+import cv2
+import numpy as np
+from browser import Chromium, Page, find_chromium
+from netns import SERVER_ADDRESS, unavailable_reason
+
+CROP = 64  # the face crop is sampled at CROP x CROP grey pixels
+# On a 2-core CPU (Chromium and the bot share it) the tiny models take ~100-250 ms a frame.
+# With the product's default 0.2 s budget every speech frame is then late and shown idle, by
+# design; a 2 s budget lets the slow device finish some of them, so the lip-sync is visible.
+LATENCY_BUDGET_S = 2.0
 
 
 def candidate_free_offer() -> str:
@@ -24,3 +42,82 @@ def candidate_free_offer() -> str:
     return "".join(
         line for line in sdp.splitlines(keepends=True) if not line.startswith(("a=candidate", "a=end-of-candidates"))
     )
+
+
+# --------------------------------------------------------------------------- a browser on the local page
+def browser_skip_reason() -> str | None:
+    """Why a browser viewer cannot run here (None when it can): a private namespace and Chromium."""
+    reason = unavailable_reason()
+    if reason:
+        return reason
+    if find_chromium() is None:
+        return "Debian chromium is not installed (test.sh installs it: apt-get install -y chromium)"
+    return None
+
+
+def insecure_origin_flags(port: int) -> list[str]:
+    # A page on http://10.200.0.1 is not a "secure context", where browsers refuse the
+    # microphone; a person uses http://127.0.0.1 (secure) and this flag stands in for that.
+    return [f"--unsafely-treat-insecure-origin-as-secure=http://{SERVER_ADDRESS}:{port}"]
+
+
+def wait_for_page(page: Page, expression: str, timeout: float) -> object:
+    """Evaluate `expression` until it is truthy or `timeout` s pass; returns its last value."""
+    deadline = time.monotonic() + timeout
+    value = None
+    while time.monotonic() < deadline:
+        value = page.evaluate(expression)
+        if value:
+            return value
+        time.sleep(0.2)
+    return value
+
+
+def open_viewer(browser: Chromium, url: str, log_path) -> tuple[Page, tuple[int, int]]:
+    """Open the page, click Start and wait for the avatar's video; returns the page and the video size."""
+    page = browser.new_page(url)
+    assert wait_for_page(page, "document.readyState === 'complete' && !!window.musetalk", 30)
+    assert "How to use" in page.evaluate("document.body.innerText")
+    page.evaluate("document.getElementById('start').click()", user_gesture=True)
+    connected = wait_for_page(
+        page, "window.musetalk.pc && window.musetalk.pc.connectionState === 'connected' "
+        "&& window.musetalk.video.videoWidth > 0 && window.musetalk.video.currentTime > 0", 45,
+    )  # fmt: skip
+    state = page.evaluate("document.getElementById('state').textContent")
+    assert connected, (
+        f"no video on {url}: page state {state!r}; console {browser.console}\n{log_path.read_text()[-3000:]}"
+    )
+    assert "connected" in state
+    video_w, video_h = page.evaluate("[window.musetalk.video.videoWidth, window.musetalk.video.videoHeight]")
+    return page, (video_w, video_h)
+
+
+def bot_status_of(page: Page) -> dict:
+    """The bot's /api/status, fetched by the page."""
+    return page.evaluate("fetch('/api/status', {cache: 'no-store'}).then((r) => r.json())")
+
+
+# --------------------------------------------------------------------------- the face the browser shows
+def face_box(avatar) -> tuple[int, int, int, int]:
+    """One box (avatar pixels) holding the face in every frame of the idle loop."""
+    boxes = np.asarray(avatar.boxes)
+    return int(boxes[:, 0].min()), int(boxes[:, 1].min()), int(boxes[:, 2].max()), int(boxes[:, 3].max())
+
+
+def reference_crops(avatar, box, video_size) -> np.ndarray:
+    """The avatar's own frames as the browser would sample them: (N, CROP, CROP) float32 grey."""
+    vw, vh = video_size
+    aw, ah = avatar.size
+    sx, sy = vw / aw, vh / ah
+    x0, y0, x1, y1 = (int(round(v)) for v in (box[0] * sx, box[1] * sy, box[2] * sx, box[3] * sy))
+    out = []
+    for frame in avatar.frames:
+        scaled = frame if (aw, ah) == (vw, vh) else cv2.resize(frame, (vw, vh), interpolation=cv2.INTER_AREA)
+        crop = cv2.resize(scaled[y0:y1, x0:x1], (CROP, CROP), interpolation=cv2.INTER_AREA)
+        grey = (
+            crop[..., 0].astype(np.int32) * 77
+            + crop[..., 1].astype(np.int32) * 150
+            + crop[..., 2].astype(np.int32) * 29
+        ) >> 8
+        out.append(grey.astype(np.float32))
+    return np.stack(out)
