@@ -165,7 +165,9 @@ def cmd_render(args: argparse.Namespace) -> int:
         result = render(models, avatar, args.audio, args.output, batch_size=args.batch_size, progress=progress)
     finally:
         bar.close()
-    print(f"wrote {result.path} ({result.frames} frames, {result.video_seconds:.2f} s video for {result.audio_seconds:.2f} s audio)")
+    print(
+        f"wrote {result.path} ({result.frames} frames, {result.video_seconds:.2f} s video for {result.audio_seconds:.2f} s audio)"
+    )
     return 0
 
 

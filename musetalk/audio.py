@@ -84,7 +84,9 @@ class AudioFeatureEncoder:
 
     def encode(self, audio: np.ndarray) -> torch.Tensor:
         """Whole clip -> `(floor(n / 320), 5, D) float32`, one row per 20 ms."""
-        pieces = [self.encode_window(audio[s : s + WINDOW_SAMPLES]) for s in range(0, max(len(audio), 1), WINDOW_SAMPLES)]
+        pieces = [
+            self.encode_window(audio[s : s + WINDOW_SAMPLES]) for s in range(0, max(len(audio), 1), WINDOW_SAMPLES)
+        ]
         feats = torch.cat(pieces, dim=0)
         return feats[: len(audio) // SAMPLES_PER_FEATURE]
 

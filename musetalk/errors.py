@@ -20,8 +20,7 @@ class MissingWeightsError(MuseTalkError):
         self.fetch_command = fetch_command
         listing = "\n".join(f"  - {p}" for p in self.problems)
         super().__init__(
-            f"MuseTalk weights in {models_dir} are missing or unusable:\n{listing}\n"
-            f"Fetch them with: {fetch_command}"
+            f"MuseTalk weights in {models_dir} are missing or unusable:\n{listing}\nFetch them with: {fetch_command}"
         )
 
 

@@ -145,7 +145,11 @@ def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
         proc = subprocess.run(cmd, capture_output=True, check=False)
         err = proc.stderr.decode(errors="replace")
         if proc.returncode != 0:
-            if "does not contain any stream" in err or "Output file #0 does not contain" in err or "matches no streams" in err:
+            if (
+                "does not contain any stream" in err
+                or "Output file #0 does not contain" in err
+                or "matches no streams" in err
+            ):
                 raise MediaError(f"{path} has no audio stream. Use a speech recording (wav, mp3, m4a, ...).")
             if "Invalid data found" in err or "moov atom not found" in err:
                 raise MediaError(f"{path} is not readable audio (corrupt file or unknown format).")
@@ -153,7 +157,9 @@ def _decode_with_ffmpeg(path: Path) -> tuple[np.ndarray, int]:
         try:
             return sf.read(str(wav), dtype="float32", always_2d=True)
         except (sf.LibsndfileError, RuntimeError) as exc:
-            raise MediaError(f"{path} has no audio samples ({exc}). Use a speech recording (wav, mp3, m4a, ...).") from exc
+            raise MediaError(
+                f"{path} has no audio samples ({exc}). Use a speech recording (wav, mp3, m4a, ...)."
+            ) from exc
 
 
 def write_wav(path: str | Path, audio: np.ndarray, sample_rate: int = AUDIO_SAMPLE_RATE) -> Path:

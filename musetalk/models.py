@@ -178,7 +178,9 @@ def load_vae(paths: ModelPaths, device: torch.device, dtype: torch.dtype) -> Aut
     return vae.to(device=device).eval().requires_grad_(False)
 
 
-def load_whisper(paths: ModelPaths, device: torch.device, dtype: torch.dtype) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
+def load_whisper(
+    paths: ModelPaths, device: torch.device, dtype: torch.dtype
+) -> tuple[WhisperEncoder, WhisperFeatureExtractor]:
     """The whisper-tiny encoder (decoder dropped) and its log-mel feature extractor."""
     from transformers import WhisperFeatureExtractor, WhisperModel
 
@@ -266,17 +268,19 @@ def load_models(paths: ModelPaths, runtime: RuntimeSettings | None = None) -> Mo
     check_compatible(unet, whisper, paths)
     from musetalk.accel import optimize_for_inference  # exact speed-ups measured by musetalk.bench
 
-    return optimize_for_inference(Models(
-        unet=unet,
-        vae=vae,
-        whisper=whisper,
-        feature_extractor=extractor,
-        landmarker=load_landmarker(paths),
-        face_parser=load_face_parser(paths, device),
-        device=device,
-        dtype=dtype,
-        paths=paths,
-    ))
+    return optimize_for_inference(
+        Models(
+            unet=unet,
+            vae=vae,
+            whisper=whisper,
+            feature_extractor=extractor,
+            landmarker=load_landmarker(paths),
+            face_parser=load_face_parser(paths, device),
+            device=device,
+            dtype=dtype,
+            paths=paths,
+        )
+    )
 
 
 def check_compatible(unet: UNet2DConditionModel, whisper: WhisperEncoder, paths: ModelPaths) -> None:

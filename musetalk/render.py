@@ -46,7 +46,9 @@ def render(
     out_path.parent.mkdir(parents=True, exist_ok=True)
     audio = load_audio(audio_path)
     frames = frame_count_for(len(audio))
-    logger.info("Rendering {} frames ({:.2f} s of audio) with avatar {!r}", frames, len(audio) / AUDIO_SAMPLE_RATE, avatar.name)
+    logger.info(
+        "Rendering {} frames ({:.2f} s of audio) with avatar {!r}", frames, len(audio) / AUDIO_SAMPLE_RATE, avatar.name
+    )
     encoder = AudioFeatureEncoder(models.whisper, models.feature_extractor, models.device, models.dtype)
     features = encoder.frame_features(audio, frames)
     generator = LipSyncGenerator(models, avatar, batch_size=batch_size)

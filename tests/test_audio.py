@@ -164,7 +164,19 @@ def test_stereo_is_the_mean_of_the_channels_then_16k(tmp_path):
     assert abs(np.abs(mono[middle]).max() - np.abs(want[middle]).max()) < 2e-3
     # a container libsndfile cannot read goes through ffmpeg with its channels kept
     m4a = tmp_path / "stereo.m4a"
-    cmd = [imageio_ffmpeg.get_ffmpeg_exe(), "-nostdin", "-v", "error", "-i", str(wav), "-c:a", "aac", "-b:a", "256k", str(m4a)]
+    cmd = [
+        imageio_ffmpeg.get_ffmpeg_exe(),
+        "-nostdin",
+        "-v",
+        "error",
+        "-i",
+        str(wav),
+        "-c:a",
+        "aac",
+        "-b:a",
+        "256k",
+        str(m4a),
+    ]
     subprocess.run(cmd, check=True)
     decoded = load_audio(m4a)
     rms = float(np.sqrt(np.mean(decoded[3200:28800] ** 2)))

@@ -76,8 +76,7 @@ def crop_box_for(face_box: tuple[int, int, int, int], expand: float = 1.5) -> tu
 
 
 def to_crop(face_box, crop_box):
-    return (face_box[0] - crop_box[0], face_box[1] - crop_box[1],
-            face_box[2] - crop_box[0], face_box[3] - crop_box[1])
+    return (face_box[0] - crop_box[0], face_box[1] - crop_box[1], face_box[2] - crop_box[0], face_box[3] - crop_box[1])
 
 
 @pytest.fixture(scope="module")
@@ -337,7 +336,7 @@ def test_blend_mask_limits_with_parser(skin_parser, astronaut, mode):
     k = blur_kernel_size(w)
     assert soft.shape == (h, w) and soft.dtype == np.uint8
     assert not soft[: line - k // 2].any()
-    assert not soft[:, : x0 - k // 2].any() and not soft[:, x1 + k // 2:].any()
+    assert not soft[:, : x0 - k // 2].any() and not soft[:, x1 + k // 2 :].any()
     assert soft[(line + y1) // 2, (x0 + x1) // 2] == 255
     assert 0 < soft[line, (x0 + x1) // 2] < 255  # the line itself is feathered
 
@@ -347,7 +346,7 @@ def test_blend_mask_real_parser_random_weights_stays_in_talking_area(tiny_parser
     box = to_crop(ASTRONAUT_FACE_BOX, crop_box)
     hard = blend_mask(crop, box, settings=MaskSettings(), parser=tiny_parser, blur=False)
     outside = np.ones_like(hard, dtype=bool)
-    outside[crop.shape[0] // 2: box[3], box[0]: box[2]] = False
+    outside[crop.shape[0] // 2 : box[3], box[0] : box[2]] = False
     assert not hard[outside].any()
 
 
@@ -359,7 +358,7 @@ def frame_mask(astronaut, face_box, settings, parser=None):
     contour = np.array([[0, 0], [w - 1, 0], [w - 1, h - 1], [0, h - 1]], np.float32)
     m = blend_mask(crop, box, settings=settings, parser=parser, contour_in_crop=contour, blur=False)
     full = np.zeros(astronaut.shape[:2], np.uint8)
-    full[crop_box[1]:crop_box[3], crop_box[0]:crop_box[2]] = m
+    full[crop_box[1] : crop_box[3], crop_box[0] : crop_box[2]] = m
     return full
 
 
@@ -517,8 +516,9 @@ def test_crop_past_the_left_edge_is_parsed_and_blurred_as_the_whole_square():
     # before cutting: the square's mask is the face box from row int(240 * 0.5) = 120 down,
     # so its left 40 columns (outside the frame) are black; the blur kernel comes from the
     # square's width: int(0.1 * 240 // 2 * 2) + 1 = 25
-    hard = blend_masks_batch([cut_square(frame, square_crop_box(box))], [(40, 40, 200, 200)], settings=settings,
-                             parser=parser, blur=False)[0]
+    hard = blend_masks_batch(
+        [cut_square(frame, square_crop_box(box))], [(40, 40, 200, 200)], settings=settings, parser=parser, blur=False
+    )[0]
     want = np.zeros((240, 240), np.uint8)
     want[120:200, 40:200] = 255
     assert np.array_equal(hard, want) and not hard[:, :40].any()

@@ -26,7 +26,9 @@ def avatar():
 
 
 def make(avatar, clock, requests, **settings):
-    return LiveSession(session_id="s1", avatar=avatar, settings=LiveSettings(**settings), submit=requests.append, clock=clock)
+    return LiveSession(
+        session_id="s1", avatar=avatar, settings=LiveSettings(**settings), submit=requests.append, clock=clock
+    )
 
 
 def speech(seconds: float, seed: int = 0) -> np.ndarray:
@@ -95,7 +97,9 @@ def test_late_frames_leave_idle_at_their_due_time_with_their_audio(avatar):
         clock.t += 0.02
         shown += [(clock.t, o) for o in session.pop_due() if o.audio is not None]
     items = [it for r in requests for it in r.items]
-    first_ready = 100.0 + ((LOOKAHEAD_SAMPLES + 319) // 320 - 1) * 0.02  # pushed with the chunk completing its look-ahead
+    first_ready = (
+        100.0 + ((LOOKAHEAD_SAMPLES + 319) // 320 - 1) * 0.02
+    )  # pushed with the chunk completing its look-ahead
     assert items[0].due == pytest.approx(first_ready + 0.3)
     assert shown and not any(o.generated for _, o in shown)
     for (t, o), item in zip(shown, items):

@@ -20,7 +20,11 @@ def test_tiny_models_load_on_cpu_fp32(models):
     assert models.whisper.config.d_model == models.unet.config.cross_attention_dim
     assert models.face_parser is not None
     # One real forward pass through the UNet with MuseTalk's call signature.
-    out = models.unet(torch.zeros(2, 8, 32, 32), torch.zeros(1, dtype=torch.long), encoder_hidden_states=torch.zeros(2, 50, models.audio_dim)).sample
+    out = models.unet(
+        torch.zeros(2, 8, 32, 32),
+        torch.zeros(1, dtype=torch.long),
+        encoder_hidden_states=torch.zeros(2, 50, models.audio_dim),
+    ).sample
     assert out.shape == (2, 4, 32, 32)
 
 
@@ -39,7 +43,14 @@ def test_empty_models_dir_lists_every_missing_file(tmp_path):
     with pytest.raises(MissingWeightsError) as err:
         load_models(ModelPaths(tmp_path), RuntimeSettings(device="cpu"))
     text = str(err.value)
-    for needed in ("musetalk.json", "unet.pth", "sd-vae", "whisper", "preprocessor_config.json", "face_landmark.tflite"):
+    for needed in (
+        "musetalk.json",
+        "unet.pth",
+        "sd-vae",
+        "whisper",
+        "preprocessor_config.json",
+        "face_landmark.tflite",
+    ):
         assert needed in text
     assert "bash download_weights.sh" in text
     assert len(err.value.problems) >= 8

@@ -73,8 +73,10 @@ def write_constant_dwpose(path: str | Path, simcc_x: np.ndarray, simcc_y: np.nda
 
 def write_wrong_shape_dwpose(path: str | Path) -> Path:
     """A 256x192 RTMPose-style network: valid ONNX, wrong model."""
-    inits = [numpy_helper.from_array(np.zeros((3, K * 384), np.float32), "w"),
-             numpy_helper.from_array(np.array([1, K, 384], np.int64), "shape")]
+    inits = [
+        numpy_helper.from_array(np.zeros((3, K * 384), np.float32), "w"),
+        numpy_helper.from_array(np.array([1, K, 384], np.int64), "shape"),
+    ]
     nodes = [
         helper.make_node("GlobalAveragePool", ["input"], ["pooled"]),
         helper.make_node("Flatten", ["pooled"], ["flat"]),

@@ -132,7 +132,9 @@ def track_faces(
     return FaceTrack(landmarks, missing, multi, SOURCE_DWPOSE if dwpose is not None else SOURCE_OFFLINE)
 
 
-def boxes_for(track: FaceTrack, settings: PrepareSettings, frame_size: tuple[int, int]) -> list[tuple[int, int, int, int]]:
+def boxes_for(
+    track: FaceTrack, settings: PrepareSettings, frame_size: tuple[int, int]
+) -> list[tuple[int, int, int, int]]:
     """Face boxes for every frame; frames without a face take the nearest frame's box."""
     raw = [
         None if lm is None else face_box(lm, settings.bbox_shift, settings.extra_margin, frame_size)
@@ -144,7 +146,10 @@ def boxes_for(track: FaceTrack, settings: PrepareSettings, frame_size: tuple[int
 def face_crops(frames: list[np.ndarray], boxes: list[tuple[int, int, int, int]]) -> np.ndarray:
     """`(N, 256, 256, 3) uint8` Lanczos-resized face boxes, the UNet's view of each frame."""
     return np.stack(
-        [cv2.resize(f[y0:y1, x0:x1], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4) for f, (x0, y0, x1, y1) in zip(frames, boxes)]
+        [
+            cv2.resize(f[y0:y1, x0:x1], (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LANCZOS4)
+            for f, (x0, y0, x1, y1) in zip(frames, boxes)
+        ]
     )
 
 
@@ -276,7 +281,9 @@ def prepare_avatar(
         _check_cancel(cancel)
         report(0.9 + 0.1 * i / total, f"Writing avatar: frame {i}/{total}")
 
-    manifest = store.write(manifest, frames, masks, np.asarray(boxes), np.asarray(crop_boxes), latent_tensor, on_progress=on_write)
+    manifest = store.write(
+        manifest, frames, masks, np.asarray(boxes), np.asarray(crop_boxes), latent_tensor, on_progress=on_write
+    )
     report(1.0, f"Avatar {name!r} ready: {n} frames")
     logger.info("Avatar {!r} written ({:.1f} MB)", name, manifest.disk_bytes / 1e6)
     return manifest

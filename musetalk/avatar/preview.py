@@ -106,7 +106,9 @@ class PreviewCache:
             self._last = analysis
 
 
-def _analyse(models: Models, video_path, settings: PrepareSettings, count: int, cache: PreviewCache | None) -> _Analysis:
+def _analyse(
+    models: Models, video_path, settings: PrepareSettings, count: int, cache: PreviewCache | None
+) -> _Analysis:
     path = Path(video_path)
     stat = path.stat() if path.is_file() else None
     key = (
@@ -118,7 +120,9 @@ def _analyse(models: Models, video_path, settings: PrepareSettings, count: int, 
         return cached
     frames, info = read_video(video_path, max_side=settings.max_side, max_seconds=settings.max_seconds)
     sample = sorted(set(spread(len(frames), _RANGE_SAMPLES)) | set(spread(len(frames), count)))
-    track = track_faces(models.landmarker, [frames[i] for i in sample], dwpose=landmark_model(models, settings.landmarks))
+    track = track_faces(
+        models.landmarker, [frames[i] for i in sample], dwpose=landmark_model(models, settings.landmarks)
+    )
     _face_notes(track, len(sample))  # raises NoFaceError when no sampled frame has a face
     analysis = _Analysis(key, {i: frames[i] for i in sample}, sample, track, len(frames), info)
     if cache is not None:
@@ -181,7 +185,11 @@ def _generate_silent(models: Models, frames, boxes, crops, masks) -> list[np.nda
     latents = encode_crops(models.vae, face_crops(frames, boxes), generator=torch.Generator().manual_seed(0))
     audio = (silence + positional_encoding(50, models.audio_dim)).to(models.device, models.dtype)
     audio = audio.expand(len(frames), -1, -1)
-    pred = models.unet(latents.to(models.device, models.dtype), torch.zeros(1, dtype=torch.long, device=models.device), encoder_hidden_states=audio).sample
+    pred = models.unet(
+        latents.to(models.device, models.dtype),
+        torch.zeros(1, dtype=torch.long, device=models.device),
+        encoder_hidden_states=audio,
+    ).sample
     faces = decode_latents(models.vae, pred).cpu().numpy()
     return [blend_face(f, face, b, c, m) for f, face, b, c, m in zip(frames, faces, boxes, crops, masks)]
 

@@ -198,7 +198,9 @@ class AvatarStore:
         return (self.path(name) / "manifest.json").is_file()
 
     def names(self) -> list[str]:
-        return sorted(p.name for p in self.root.iterdir() if _NAME_RE.fullmatch(p.name) and (p / "manifest.json").is_file())
+        return sorted(
+            p.name for p in self.root.iterdir() if _NAME_RE.fullmatch(p.name) and (p / "manifest.json").is_file()
+        )
 
     def manifest(self, name: str) -> AvatarManifest:
         path = self.path(name) / "manifest.json"
@@ -339,4 +341,3 @@ def _with(manifest: AvatarManifest, **changes: Any) -> AvatarManifest:
 
 def now_iso() -> str:
     return datetime.now(timezone.utc).replace(microsecond=0).isoformat()
-

@@ -129,7 +129,9 @@ def _language(cfg: ServiceConfig) -> Any:
     try:
         return Language(cfg.language)
     except ValueError:
-        raise ConfigError(f"{cfg.role}.language {cfg.language!r} is not a language code Pipecat knows (e.g. en, de, fr).") from None
+        raise ConfigError(
+            f"{cfg.role}.language {cfg.language!r} is not a language code Pipecat knows (e.g. en, de, fr)."
+        ) from None
 
 
 # ---------------------------------------------------------------------------------------- pipelines
@@ -138,7 +140,9 @@ def build_say_pipeline(transport: BaseTransport, processor: MuseTalkProcessor, s
     return Pipeline([transport.input(), services.tts, processor, transport.output()])
 
 
-def build_conversation_pipeline(transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices) -> Pipeline:
+def build_conversation_pipeline(
+    transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices
+) -> Pipeline:
     """STT -> LLM (system prompt + the conversation so far) -> TTS -> avatar; the user speaking interrupts."""
     context = LLMContext()
     strategies = UserTurnStrategies(stop=[SpeechTimeoutUserTurnStopStrategy(user_speech_timeout=USER_SPEECH_TIMEOUT_S)])

@@ -109,9 +109,15 @@ class ServiceConfig:
 class BotConfig:
     """What a say or conversation bot is built from (the bot config file, `--bot-config`)."""
 
-    system_prompt: str = "You are a friendly assistant shown as a talking face. Answer briefly, in one or two sentences."
-    stt: ServiceConfig = field(default_factory=lambda: ServiceConfig("stt", "openai", "http://127.0.0.1:8000/v1", "whisper-1"))
-    llm: ServiceConfig = field(default_factory=lambda: ServiceConfig("llm", "openai", "http://127.0.0.1:11434/v1", "llama3.2"))
+    system_prompt: str = (
+        "You are a friendly assistant shown as a talking face. Answer briefly, in one or two sentences."
+    )
+    stt: ServiceConfig = field(
+        default_factory=lambda: ServiceConfig("stt", "openai", "http://127.0.0.1:8000/v1", "whisper-1")
+    )
+    llm: ServiceConfig = field(
+        default_factory=lambda: ServiceConfig("llm", "openai", "http://127.0.0.1:11434/v1", "llama3.2")
+    )
     tts: ServiceConfig = field(default_factory=lambda: ServiceConfig("tts", "espeak", voice="en-us"))
     source: str | None = field(default=None, compare=False)  # the file it was read from (sentences say where to fix it)
 
@@ -119,7 +125,9 @@ class BotConfig:
         if not isinstance(self.system_prompt, str) or not self.system_prompt.strip():
             raise ConfigError("system_prompt must be a non-empty text (what the avatar is and how it answers).")
         if len(self.system_prompt) > MAX_PROMPT_CHARS:
-            raise ConfigError(f"system_prompt is {len(self.system_prompt)} characters; keep it under {MAX_PROMPT_CHARS}.")
+            raise ConfigError(
+                f"system_prompt is {len(self.system_prompt)} characters; keep it under {MAX_PROMPT_CHARS}."
+            )
 
     @property
     def where(self) -> str:

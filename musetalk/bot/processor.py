@@ -223,7 +223,9 @@ class MuseTalkProcessor(FrameProcessor):
             return stats
         p95 = waits[min(len(waits) - 1, int(round(0.95 * (len(waits) - 1))))]
         return dataclasses.replace(
-            stats, first_mouth_ms=round(self._utterance.first_mouth_s[-1] * 1000, 1), first_mouth_p95_ms=round(p95 * 1000, 1)
+            stats,
+            first_mouth_ms=round(self._utterance.first_mouth_s[-1] * 1000, 1),
+            first_mouth_p95_ms=round(p95 * 1000, 1),
         )
 
     @property
@@ -310,14 +312,18 @@ class MuseTalkProcessor(FrameProcessor):
     async def _join(self) -> None:
         """Open this bot's session on the generation service (loading the avatar there)."""
         if self._service is None:
-            self._service = GenerationService.for_models(self._models, ServiceSettings(batch_size=self._settings.batch_size))
+            self._service = GenerationService.for_models(
+                self._models, ServiceSettings(batch_size=self._settings.batch_size)
+            )
         service = self._service
         self._loop = asyncio.get_running_loop()
         avatar_id = await asyncio.to_thread(service.add_avatar, self._avatar)
         # Off the loop: on a remote backend (Ray) opening a session is a network call. If the pipeline
         # is cancelled meanwhile, the session may still open in that thread: close it once it has.
         opening = asyncio.ensure_future(
-            asyncio.to_thread(service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size)
+            asyncio.to_thread(
+                service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size
+            )
         )
         try:
             info = await asyncio.shield(opening)
@@ -418,7 +424,9 @@ class MuseTalkProcessor(FrameProcessor):
         if channels > 1:
             samples = samples.reshape(-1, channels).mean(axis=1).astype(np.int16)
         if rate != AUDIO_SAMPLE_RATE:
-            samples = np.frombuffer(await self._resampler.resample(samples.tobytes(), rate, AUDIO_SAMPLE_RATE), dtype=np.int16)
+            samples = np.frombuffer(
+                await self._resampler.resample(samples.tobytes(), rate, AUDIO_SAMPLE_RATE), dtype=np.int16
+            )
         return samples.astype(np.float32) / 32768.0
 
     # ------------------------------------------------------------------ video out

@@ -538,7 +538,9 @@ class BotRun:
         name = validate_name(str(name))
         if name not in self._viewer_avatars:
             if self.store is None:
-                raise MuseTalkError(f"This bot shows avatar {self.avatar_name!r} only (no avatar store to load {name!r}).")
+                raise MuseTalkError(
+                    f"This bot shows avatar {self.avatar_name!r} only (no avatar store to load {name!r})."
+                )
             self._viewer_avatars[name] = await asyncio.to_thread(self.store.load, name)
         return self._viewer_avatars[name]
 

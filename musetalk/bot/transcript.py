@@ -69,7 +69,9 @@ class Transcript:
             last = next((t for t in reversed(self._turns) if t.viewer == viewer and t.role != "error"), None)
             if last is None or last.role != role or last.interrupted:
                 return False
-            last.text = f"{last.text} {text}".strip() if not text.startswith((" ", ",", ".", "!", "?")) else last.text + text
+            last.text = (
+                f"{last.text} {text}".strip() if not text.startswith((" ", ",", ".", "!", "?")) else last.text + text
+            )
             return True
 
     def update(self, turn: Turn, **changes) -> None:

@@ -53,7 +53,11 @@ def uses_bot_workers(backend: str) -> bool:
 
 
 def make_bot_runner(
-    models: Models | None, service: GenerationBackend, *, backend: str = "inproc", max_bots: int = 1,
+    models: Models | None,
+    service: GenerationBackend,
+    *,
+    backend: str = "inproc",
+    max_bots: int = 1,
     bot_cpus: float = 1.0,
 ) -> BotManager:
     """The bot manager for `backend`: threads of this process, or Ray worker processes (see the module docstring)."""
@@ -351,7 +355,9 @@ class WorkerBotRunner(BotManagerBase[_Worker]):
             return ray.get(ref, timeout=timeout)
         except RayTaskError as exc:  # the bot raised: its own readable error
             cause = getattr(exc, "cause", None)
-            raise MuseTalkError(str(cause) if isinstance(cause, MuseTalkError) else f"{type(cause).__name__}: {cause}") from None
+            raise MuseTalkError(
+                str(cause) if isinstance(cause, MuseTalkError) else f"{type(cause).__name__}: {cause}"
+            ) from None
         except RayActorError as exc:
             message = _death_message(worker.pid, exc)
             logger.error("Bot {}: {}", worker.bot_id, message)

@@ -181,7 +181,9 @@ class DWPose:
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
         except Exception as exc:  # onnxruntime raises its own exception types for bad files
-            raise fail(f"{path} is not a loadable ONNX model ({' '.join(str(exc).split())[:200]}); delete it and fetch it again") from exc
+            raise fail(
+                f"{path} is not a loadable ONNX model ({' '.join(str(exc).split())[:200]}); delete it and fetch it again"
+            ) from exc
         problem = _signature_problem(session)
         if problem:
             raise fail(f"{path} is not the DWPose-l 384x288 model ({problem}); delete it and fetch it again")
@@ -229,6 +231,8 @@ def _signature_problem(session) -> str | None:
     if not fits(inputs[0].shape, want_in):
         return f"input shape {inputs[0].shape}, expected {want_in}"
     shapes = sorted((list(out.shape) for out in outputs), key=lambda shape: str(shape[-1]))
-    if not (fits(shapes[0], want_x) and fits(shapes[1], want_y)) and not (fits(shapes[1], want_x) and fits(shapes[0], want_y)):
+    if not (fits(shapes[0], want_x) and fits(shapes[1], want_y)) and not (
+        fits(shapes[1], want_x) and fits(shapes[0], want_y)
+    ):
         return f"output shapes {[out.shape for out in outputs]}, expected {want_x} and {want_y}"
     return None

@@ -139,8 +139,9 @@ def inpainting_line(crop_height: int, upper_boundary_ratio: float) -> int:
     return int(int(crop_height) * upper_boundary_ratio)
 
 
-def restrict_to_talking_area(face_mask: np.ndarray, face_box_in_crop: Box,
-                             upper_boundary_ratio: float = 0.5) -> np.ndarray:
+def restrict_to_talking_area(
+    face_mask: np.ndarray, face_box_in_crop: Box, upper_boundary_ratio: float = 0.5
+) -> np.ndarray:
     """(h,w) uint8 -> copy that is zero outside the face box and above the inpainting line."""
     h, w = face_mask.shape
     x0, y0, x1, y1 = (int(v) for v in face_box_in_crop)
@@ -206,9 +207,9 @@ def blend_masks_batch(
                 "or use mask mode 'polygon'"
             )
         for start in range(0, len(crops), _PARSE_CHUNK):
-            chunk = crops[start:start + _PARSE_CHUNK]
+            chunk = crops[start : start + _PARSE_CHUNK]
             labels = parser.parse_512(np.stack([_resize_for_parsing(c) for c in chunk]))
-            for crop, lab, box in zip(chunk, labels, face_boxes_in_crop[start:start + _PARSE_CHUNK]):
+            for crop, lab, box in zip(chunk, labels, face_boxes_in_crop[start : start + _PARSE_CHUNK]):
                 h, w = crop.shape[:2]
                 face512 = parsing_to_face_mask(lab, settings.mode, settings.cheek_width)
                 face = _resize_back(face512, w, h)
@@ -238,8 +239,12 @@ def blend_mask(
     polygon mode needs `contour_in_crop`. `blur=False` returns the hard mask before the blur.
     """
     return blend_masks_batch(
-        [crop_rgb], [face_box_in_crop], settings=settings, parser=parser,
-        contours_in_crop=None if contour_in_crop is None else [contour_in_crop], blur=blur,
+        [crop_rgb],
+        [face_box_in_crop],
+        settings=settings,
+        parser=parser,
+        contours_in_crop=None if contour_in_crop is None else [contour_in_crop],
+        blur=blur,
     )[0]
 
 

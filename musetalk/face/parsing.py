@@ -30,8 +30,25 @@ NUM_CLASSES = 19
 
 # CelebAMask-HQ label order used by face-parsing.PyTorch (index = class id).
 CLASS_NAMES: tuple[str, ...] = (
-    "background", "skin", "l_brow", "r_brow", "l_eye", "r_eye", "eye_g", "l_ear", "r_ear",
-    "ear_r", "nose", "mouth", "u_lip", "l_lip", "neck", "neck_l", "cloth", "hair", "hat",
+    "background",
+    "skin",
+    "l_brow",
+    "r_brow",
+    "l_eye",
+    "r_eye",
+    "eye_g",
+    "l_ear",
+    "r_ear",
+    "ear_r",
+    "nose",
+    "mouth",
+    "u_lip",
+    "l_lip",
+    "neck",
+    "neck_l",
+    "cloth",
+    "hair",
+    "hat",
 )
 SKIN, NOSE, MOUTH, UPPER_LIP, LOWER_LIP = 1, 10, 11, 12, 13
 
@@ -65,9 +82,7 @@ class _BasicBlock(nn.Module):
         self.bn2 = nn.BatchNorm2d(cout)
         self.downsample: nn.Sequential | None = None
         if cin != cout or stride != 1:
-            self.downsample = nn.Sequential(
-                nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout)
-            )
+            self.downsample = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = F.relu(self.bn1(self.conv1(x)))
@@ -220,9 +235,9 @@ def _check_state_dict(state: object, path: Path) -> tuple[BiSeNet | None, list[s
         if k in expected and (not isinstance(v, torch.Tensor) or v.shape != expected[k].shape)
     ]
     nonfinite = [
-        k for k, v in state.items()
-        if k in expected and isinstance(v, torch.Tensor) and v.is_floating_point()
-        and not bool(torch.isfinite(v).all())
+        k
+        for k, v in state.items()
+        if k in expected and isinstance(v, torch.Tensor) and v.is_floating_point() and not bool(torch.isfinite(v).all())
     ]
     for label, items in (
         ("missing keys", missing),
@@ -239,8 +254,13 @@ def _check_state_dict(state: object, path: Path) -> tuple[BiSeNet | None, list[s
 class FaceParser:
     """Loaded BiSeNet plus the original preprocessing (512x512 bilinear, ImageNet norm)."""
 
-    def __init__(self, net: BiSeNet, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
-                 batch_size: int | None = None):
+    def __init__(
+        self,
+        net: BiSeNet,
+        device: str | torch.device = "cpu",
+        dtype: torch.dtype = torch.float32,
+        batch_size: int | None = None,
+    ):
         self.device = torch.device(device)
         self.dtype = dtype
         # On CPU one image per forward pass was fastest (measured: 95 ms/img at batch 1, 130 at 4).
@@ -252,8 +272,9 @@ class FaceParser:
         self._std = torch.tensor(_IMAGENET_STD, device=self.device, dtype=dtype).view(shape)
 
     @classmethod
-    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu",
-                        dtype: torch.dtype = torch.float32) -> FaceParser:
+    def from_pretrained(
+        cls, directory: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+    ) -> FaceParser:
         """Load `<directory>/79999_iter.pth`; every problem becomes one MissingWeightsError."""
         directory = Path(directory)
         path = directory / CHECKPOINT_NAME
@@ -278,12 +299,11 @@ class FaceParser:
     def _batches(self, rgb: np.ndarray) -> Iterator[torch.Tensor]:
         """Yield normalised (B,3,512,512) tensors; PIL bilinear matches the original resize."""
         for start in range(0, len(rgb), self.batch_size):
-            chunk = rgb[start:start + self.batch_size]
+            chunk = rgb[start : start + self.batch_size]
             if chunk.shape[1:3] != (PARSE_SIZE, PARSE_SIZE):
-                chunk = np.stack([
-                    np.asarray(Image.fromarray(img).resize((PARSE_SIZE, PARSE_SIZE), Image.BILINEAR))
-                    for img in chunk
-                ])
+                chunk = np.stack(
+                    [np.asarray(Image.fromarray(img).resize((PARSE_SIZE, PARSE_SIZE), Image.BILINEAR)) for img in chunk]
+                )
             x = torch.from_numpy(np.ascontiguousarray(chunk)).to(self.device)
             x = x.permute(0, 3, 1, 2).to(self.dtype) / 255.0
             yield (x - self._mean) / self._std
@@ -292,9 +312,7 @@ class FaceParser:
     def _as_batch(rgb_crops: np.ndarray) -> tuple[np.ndarray, bool]:
         arr = np.asarray(rgb_crops)
         if arr.dtype != np.uint8 or arr.ndim not in (3, 4) or arr.shape[-1] != 3:
-            raise ValueError(
-                f"expected (H,W,3) or (N,H,W,3) uint8 RGB, got shape {arr.shape} dtype {arr.dtype}"
-            )
+            raise ValueError(f"expected (H,W,3) or (N,H,W,3) uint8 RGB, got shape {arr.shape} dtype {arr.dtype}")
         return (arr[None], True) if arr.ndim == 3 else (arr, False)
 
     @torch.inference_mode()
@@ -308,7 +326,7 @@ class FaceParser:
         n = 0
         for x in self._batches(batch):
             labels = self.net(x).argmax(dim=1).to(torch.uint8).cpu().numpy()
-            out[n:n + len(labels)] = labels
+            out[n : n + len(labels)] = labels
             n += len(labels)
         return out[0] if single else out
 

@@ -126,7 +126,9 @@ class GenerationService:
     _shared: dict[int, GenerationService] = {}
     _shared_lock = threading.Lock()
 
-    def __init__(self, models: Models, settings: ServiceSettings | None = None, *, clock: Callable[[], float] = time.monotonic):
+    def __init__(
+        self, models: Models, settings: ServiceSettings | None = None, *, clock: Callable[[], float] = time.monotonic
+    ):
         self.models = models
         self.settings = settings or ServiceSettings()
         self.batch_size = self.settings.batch_size or (8 if models.device.type == "cuda" else 4)
@@ -400,7 +402,9 @@ class GenerationService:
                 results.append((session, tuple(dropped)))
         cost, capacity = self.frame_cost(), self.capacity()
         for session, dropped in results:
-            result = FrameResult(session.id, skipped=dropped, frame_cost_s=cost, capacity=capacity, sessions=len(self._sessions))
+            result = FrameResult(
+                session.id, skipped=dropped, frame_cost_s=cost, capacity=capacity, sessions=len(self._sessions)
+            )
             self._post(session, result)
 
     def _take_batch(self, queued: list[_Session]) -> list[tuple[_Session, _Pending]]:
@@ -421,7 +425,9 @@ class GenerationService:
         n = min(2, self.batch_size)
         try:
             with self._model_lock:
-                self._faces([state] * n, list(range(n)), torch.zeros(n, FEATURES_PER_VIDEO_FRAME * 5, self.models.audio_dim))
+                self._faces(
+                    [state] * n, list(range(n)), torch.zeros(n, FEATURES_PER_VIDEO_FRAME * 5, self.models.audio_dim)
+                )
         except Exception as exc:  # reported to that session only
             logger.warning("MuseTalk warm-up for session {} failed: {}", session.id, exc)
             self._post(session, FrameResult(session.id, error=f"warm-up failed: {exc}"))
@@ -488,7 +494,9 @@ class GenerationService:
             self._counts["frames"] += len(images)
             self._stage_s["blend"] += time.perf_counter() - start
         cost = self.frame_cost()
-        result = FrameResult(session.id, images=images, frame_cost_s=cost, capacity=self.capacity(), sessions=len(self._sessions))
+        result = FrameResult(
+            session.id, images=images, frame_cost_s=cost, capacity=self.capacity(), sessions=len(self._sessions)
+        )
         self._post(session, result)
 
     def _post(self, session: _Session, result: FrameResult) -> None:

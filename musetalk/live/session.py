@@ -271,7 +271,9 @@ class LiveSession:
             last_due = due
             if speech_mode:
                 step = self._out_rate // VIDEO_FPS
-                audio = bytes(self._out_audio[2 * step * frame.index : 2 * step * (frame.index + 1)]).ljust(2 * step, b"\0")
+                audio = bytes(self._out_audio[2 * step * frame.index : 2 * step * (frame.index + 1)]).ljust(
+                    2 * step, b"\0"
+                )
                 rate = self._out_rate
             else:
                 # Mirror mode never echoes the room while the avatar is idle.
@@ -292,8 +294,11 @@ class LiveSession:
             snapshot = self._stream.request(())
             self._submit(
                 FrameRequest(
-                    session_id=self.session_id, items=tuple(items), utterance=self._utterance,
-                    window=snapshot.window, first_feature=snapshot.first_feature,
+                    session_id=self.session_id,
+                    items=tuple(items),
+                    utterance=self._utterance,
+                    window=snapshot.window,
+                    first_feature=snapshot.first_feature,
                 )  # fmt: skip
             )
 
@@ -368,7 +373,9 @@ class LiveSession:
             if entry.speech and entry.image is None and not entry.late:
                 break
             ready += 1
-        rest = sum(1 for entry in list(self._entries)[ready:] if entry.speech and entry.image is None and not entry.late)
+        rest = sum(
+            1 for entry in list(self._entries)[ready:] if entry.speech and entry.image is None and not entry.late
+        )
         if rest == 0:
             return True
         t = self._timing

@@ -223,7 +223,19 @@ def status_view(status: dict) -> str:
     return "\n".join(lines)
 
 
-BOTS_HEADERS = ["bot", "state", "avatar", "transport", "where", "process", "viewers", "fps", "frames", "uptime", "last error"]
+BOTS_HEADERS = [
+    "bot",
+    "state",
+    "avatar",
+    "transport",
+    "where",
+    "process",
+    "viewers",
+    "fps",
+    "frames",
+    "uptime",
+    "last error",
+]
 
 
 def bots_rows(bots: list[dict]) -> list[list]:
