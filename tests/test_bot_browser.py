@@ -48,6 +48,7 @@ from browser import Chromium, Page
 from netns import SERVER_ADDRESS, PrivateNetwork
 from viewers import (
     CROP,
+    FACE_FRAMES_JS,
     LATENCY_BUDGET_S,
     bot_status_of,
     browser_skip_reason,
@@ -81,26 +82,7 @@ MEASURE_JS = r"""
   const mt = window.musetalk;
   const m = { frames: [], audio: [], t0: performance.now(), done: false, errors: [] };
   window.__musetalkMeasure = m;
-  const canvas = document.createElement("canvas");
-  canvas.width = cfg.crop; canvas.height = cfg.crop;
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const toB64 = (bytes) => { let s = ""; for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]); return btoa(s); };
-  const onFrame = (now, meta) => {
-    if (m.done) return;
-    try {
-      const sx = meta.width / cfg.videoW, sy = meta.height / cfg.videoH;
-      const [x0, y0, x1, y1] = cfg.box;
-      ctx.drawImage(mt.video, x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, 0, 0, cfg.crop, cfg.crop);
-      const px = ctx.getImageData(0, 0, cfg.crop, cfg.crop).data;
-      const grey = new Uint8Array(cfg.crop * cfg.crop);
-      for (let i = 0; i < grey.length; i++) grey[i] = (px[4 * i] * 77 + px[4 * i + 1] * 150 + px[4 * i + 2] * 29) >> 8;
-      m.frames.push({ t: now, shown: meta.expectedDisplayTime, rx: meta.receiveTime ?? null, rtp: meta.rtpTimestamp ?? null,
-                      n: meta.presentedFrames, w: meta.width, h: meta.height, g: toB64(grey) });
-    } catch (e) { m.errors.push(String(e)); }
-    mt.video.requestVideoFrameCallback(onFrame);
-  };
-  mt.video.requestVideoFrameCallback(onFrame);
-  if (!cfg.audio) return true;
+%(face_frames)s  if (!cfg.audio) return true;
 
   const ac = new AudioContext();
   ac.resume();
@@ -220,7 +202,7 @@ def bot_server(net: PrivateNetwork, env: dict, avatar: str, port: int, log_path:
 def start_measuring(page: Page, avatar, box, *, audio: bool) -> None:
     aw, ah = avatar.size
     cfg = {"crop": CROP, "box": list(box), "videoW": aw, "videoH": ah, "audio": audio}
-    assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg)}, user_gesture=True)
+    assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg), "face_frames": FACE_FRAMES_JS}, user_gesture=True)
 
 
 def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, tmp_path):

@@ -50,6 +50,7 @@ from browser import Chromium, Page
 from netns import SERVER_ADDRESS, PrivateNetwork
 from viewers import (
     CROP,
+    FACE_FRAMES_JS,
     LATENCY_BUDGET_S,
     bot_status_of,
     browser_skip_reason,
@@ -197,7 +198,7 @@ def type_line(page: Page, cli: subprocess.Popen, line: str) -> tuple[float, floa
     return before, page_now(page)
 
 
-# The page's recording. Video as in test_bot_browser.py's MEASURE_JS: every presented frame's callback time, display
+# The page's recording. Video from viewers.FACE_FRAMES_JS: every presented frame's callback time, display
 # time and a CROP x CROP grey crop of the face. Audio on the audio thread (an AudioWorklet: no gaps when the page's
 # main thread is busy): the loudness (RMS) of the microphone and of the bot's voice in blocks of 4 x 128 samples,
 # stamped with the audio clock, which getOutputTimestamp() ties to the page's clock at the moment a sample is heard.
@@ -207,25 +208,7 @@ MEASURE_JS = r"""
   const mt = window.musetalk;
   const m = { frames: [], audio: [], clock: [], heard: null, done: false, errors: [] };
   window.__musetalkMeasure = m;
-  const canvas = document.createElement("canvas");
-  canvas.width = cfg.crop; canvas.height = cfg.crop;
-  const ctx = canvas.getContext("2d", { willReadFrequently: true });
-  const toB64 = (bytes) => { let s = ""; for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]); return btoa(s); };
-  const onFrame = (now, meta) => {
-    if (m.done) return;
-    try {
-      const sx = meta.width / cfg.videoW, sy = meta.height / cfg.videoH;
-      const [x0, y0, x1, y1] = cfg.box;
-      ctx.drawImage(mt.video, x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, 0, 0, cfg.crop, cfg.crop);
-      const px = ctx.getImageData(0, 0, cfg.crop, cfg.crop).data;
-      const grey = new Uint8Array(cfg.crop * cfg.crop);
-      for (let i = 0; i < grey.length; i++) grey[i] = (px[4 * i] * 77 + px[4 * i + 1] * 150 + px[4 * i + 2] * 29) >> 8;
-      m.frames.push({ t: now, shown: meta.expectedDisplayTime, n: meta.presentedFrames, g: toB64(grey) });
-    } catch (e) { m.errors.push(String(e)); }
-    mt.video.requestVideoFrameCallback(onFrame);
-  };
-  mt.video.requestVideoFrameCallback(onFrame);
-
+%(face_frames)s
   const ac = new AudioContext();
   await ac.resume();
   const worklet = `
@@ -314,7 +297,7 @@ COLLECT_JS = (
 def start_measuring(page: Page, avatar, box) -> None:
     aw, ah = avatar.size
     cfg = {"crop": CROP, "box": list(box), "videoW": aw, "videoH": ah}
-    assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg)}, user_gesture=True)
+    assert page.evaluate(MEASURE_JS % {"cfg": json.dumps(cfg), "face_frames": FACE_FRAMES_JS}, user_gesture=True)
     # The output clock ties in once the audio device has played a little.
     deadline = time.monotonic() + 5
     while page.evaluate("window.__musetalkMeasure.heard") is None and time.monotonic() < deadline:

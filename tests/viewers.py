@@ -121,3 +121,28 @@ def reference_crops(avatar, box, video_size) -> np.ndarray:
         ) >> 8
         out.append(grey.astype(np.float32))
     return np.stack(out)
+
+
+# In-page (inside a MEASURE_JS with `cfg`, `mt` = window.musetalk and its recording `m`): for every video frame the
+# browser presents, its timing and a CROP x CROP grey crop of the avatar's face box (base64) go into `m.frames`.
+FACE_FRAMES_JS = r"""
+  const canvas = document.createElement("canvas");
+  canvas.width = cfg.crop; canvas.height = cfg.crop;
+  const ctx = canvas.getContext("2d", { willReadFrequently: true });
+  const toB64 = (bytes) => { let s = ""; for (let i = 0; i < bytes.length; i++) s += String.fromCharCode(bytes[i]); return btoa(s); };
+  const onFrame = (now, meta) => {
+    if (m.done) return;
+    try {
+      const sx = meta.width / cfg.videoW, sy = meta.height / cfg.videoH;
+      const [x0, y0, x1, y1] = cfg.box;
+      ctx.drawImage(mt.video, x0 * sx, y0 * sy, (x1 - x0) * sx, (y1 - y0) * sy, 0, 0, cfg.crop, cfg.crop);
+      const px = ctx.getImageData(0, 0, cfg.crop, cfg.crop).data;
+      const grey = new Uint8Array(cfg.crop * cfg.crop);
+      for (let i = 0; i < grey.length; i++) grey[i] = (px[4 * i] * 77 + px[4 * i + 1] * 150 + px[4 * i + 2] * 29) >> 8;
+      m.frames.push({ t: now, shown: meta.expectedDisplayTime, rx: meta.receiveTime ?? null, rtp: meta.rtpTimestamp ?? null,
+                      n: meta.presentedFrames, w: meta.width, h: meta.height, g: toB64(grey) });
+    } catch (e) { m.errors.push(String(e)); }
+    mt.video.requestVideoFrameCallback(onFrame);
+  };
+  mt.video.requestVideoFrameCallback(onFrame);
+"""

@@ -368,14 +368,13 @@ class LiveSession:
     def _can_start(self, head: _Entry, now: float) -> bool:
         """With `ready` frames ready and `rest` still to make at `cost` s each, frame `ready + j - 1` is ready
         after j * cost and plays after (ready + j - 1) * 40 ms: the worst case is the last frame."""
-        ready = 0
+        ready = rest = 0  # the ready ones ahead of the first still being made; those still being made
         for entry in self._entries:
-            if entry.speech and entry.image is None and not entry.late:
-                break
-            ready += 1
-        rest = sum(
-            1 for entry in list(self._entries)[ready:] if entry.speech and entry.image is None and not entry.late
-        )
+            waiting = entry.speech and entry.image is None and not entry.late
+            if waiting:
+                rest += 1
+            elif rest == 0:
+                ready += 1
         if rest == 0:
             return True
         t = self._timing
