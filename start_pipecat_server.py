@@ -140,7 +140,61 @@ def build_parser() -> argparse.ArgumentParser:
         help="say / conversation modes: system prompt and STT, LLM, TTS services "
         "(default: configs/bot/conversation.yaml; keys come from the environment variables it names)",
     )
+    add_room_options(parser)
     return parser
+
+
+def add_room_options(parser: argparse.ArgumentParser) -> None:
+    """Options of a bot in a Daily room (--room-url)."""
+    room = parser.add_argument_group("Daily room")
+    room.add_argument(
+        "--bot-name",
+        default="MuseTalk avatar",
+        metavar="NAME",
+        help="the bot's display name in the room (default: MuseTalk avatar)",
+    )
+    room.add_argument(
+        "--follow",
+        default="active",
+        metavar="active|first|NAME",
+        help="whose voice the bot takes, one person at a time: active (the active speaker, switching "
+        "between utterances; default), first (the first to join) or a participant's name",
+    )
+    room.add_argument(
+        "--never-follow",
+        action="append",
+        metavar="NAME",
+        help="a participant that is a bot (another avatar, a recorder): never followed; repeatable",
+    )
+    room.add_argument(
+        "--publish-audio",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="publish the avatar's audio: on in say/conversation modes; off in mirror mode (the room "
+        "already hears the speaker; --publish-audio turns it on)",
+    )
+    room.add_argument(
+        "--leave-when-alone",
+        type=float,
+        default=10.0,
+        metavar="MIN",
+        help="leave after this many minutes with nobody in the room (default 10; 0 = never)",
+    )
+    room.add_argument(
+        "--video-bitrate",
+        type=int,
+        default=1_000_000,
+        metavar="BPS",
+        help="bits/s of the one 25 fps video layer the bot publishes (default 1000000)",
+    )
+    room.add_argument(
+        "--simulcast", action="store_true", help="publish Daily's default simulcast layers instead of one 25 fps layer"
+    )
+    room.add_argument(
+        "--share-room",
+        action="store_true",
+        help="allow this bot in a room another bot of this process serves (on purpose only)",
+    )
 
 
 def setup_logging(verbose: bool) -> None:
@@ -336,16 +390,17 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
                 logger.error("The bot stopped: {}", status.last_error)
                 return 1
             if status.state == "stopped":
-                logger.info("The bot stopped")
+                logger.info("The bot stopped{}", f" ({status.warning})" if status.warning else "")
                 return 0
             if time.monotonic() >= next_report:
                 next_report += STATS_EVERY_S
                 fps = "-" if status.fps is None else f"{status.fps:.1f}"
                 latency = "-" if status.mouth_latency_ms is None else f"{status.mouth_latency_ms:.0f} ms"
                 reply = "" if status.turn_latency_ms is None else f" | reply latency {status.turn_latency_ms:.0f} ms"
+                following = f" | following {status.following}" if status.following else ""
                 logger.info(
-                    "up {:.0f} s | viewers {} | {} fps | {} frames | mouth latency {}{}{}",
-                    status.uptime_s, status.viewers, fps, status.frames, latency, reply,
+                    "up {:.0f} s | viewers {}{} | {} fps | {} frames | mouth latency {}{}{}",
+                    status.uptime_s, status.viewers, following, fps, status.frames, latency, reply,
                     f" | {status.warning}" if status.warning else "",
                 )  # fmt: skip
             time.sleep(0.25)
@@ -358,6 +413,21 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
             logger.warning("While stopping: {}", final.last_error)
         logger.info("Stopped cleanly")
         return 0
+
+
+def room_settings(args: argparse.Namespace):
+    """The Daily room options of the command line."""
+    from musetalk.bot.daily import DailyRoomSettings
+
+    return DailyRoomSettings(
+        follow=args.follow,
+        never_follow=tuple(args.never_follow or ()),
+        publish_audio=args.publish_audio,
+        leave_when_alone_min=args.leave_when_alone,
+        video_bitrate=args.video_bitrate,
+        simulcast=args.simulcast,
+        share_room=args.share_room,
+    )
 
 
 def load_speech_setup(path: str | None):
@@ -394,7 +464,9 @@ def main(argv: list[str] | None = None) -> int:
             )
             transport = TransportSettings(kind="local", host=args.host, port=args.port, ice_servers=ice)
         else:
-            transport = TransportSettings(kind="daily", room_url=args.room_url, token=token)
+            transport = TransportSettings(
+                kind="daily", room_url=args.room_url, token=token, bot_name=args.bot_name, daily=room_settings(args)
+            )
         live = LiveSettings(mode=args.mode)
         speech = load_speech_setup(args.bot_config) if live.lip_syncs_tts else None
         if args.latency_budget is not None:

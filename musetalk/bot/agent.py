@@ -23,12 +23,13 @@ from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.aggregators.llm_context import LLMContext
 from pipecat.processors.aggregators.llm_response_universal import LLMContextAggregatorPair, LLMUserAggregatorParams
 from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport
 from pipecat.turns.user_stop.speech_timeout_user_turn_stop_strategy import SpeechTimeoutUserTurnStopStrategy
 from pipecat.turns.user_turn_strategies import UserTurnStrategies
 
 from musetalk.bot.agent_config import ServiceConfig, SpeechSetup
-from musetalk.bot.pipeline import VAD_PARAMS
+from musetalk.bot.pipeline import VAD_PARAMS, room_input
 from musetalk.bot.processor import MuseTalkProcessor
 from musetalk.config import AUDIO_SAMPLE_RATE
 from musetalk.errors import ConfigError, ServiceUnavailableError
@@ -135,13 +136,21 @@ def _language(cfg: ServiceConfig) -> Any:
 
 
 # ---------------------------------------------------------------------------------------- pipelines
-def build_say_pipeline(transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices) -> Pipeline:
+def build_say_pipeline(
+    transport: BaseTransport,
+    processor: MuseTalkProcessor,
+    services: SpeechServices,
+    voice: FrameProcessor | None = None,
+) -> Pipeline:
     """The operator's text is spoken by the TTS and lip-synced; the room's audio is not used."""
-    return Pipeline([transport.input(), services.tts, processor, transport.output()])
+    return Pipeline([*room_input(transport, voice), services.tts, processor, transport.output()])
 
 
 def build_conversation_pipeline(
-    transport: BaseTransport, processor: MuseTalkProcessor, services: SpeechServices
+    transport: BaseTransport,
+    processor: MuseTalkProcessor,
+    services: SpeechServices,
+    voice: FrameProcessor | None = None,
 ) -> Pipeline:
     """STT -> LLM (system prompt + the conversation so far) -> TTS -> avatar; the user speaking interrupts."""
     context = LLMContext()
@@ -150,7 +159,7 @@ def build_conversation_pipeline(
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(sample_rate=AUDIO_SAMPLE_RATE, params=CONVERSATION_VAD))
     return Pipeline(
         [
-            transport.input(), vad, services.stt, pair.user(), services.llm, services.tts, processor,
+            *room_input(transport, voice), vad, services.stt, pair.user(), services.llm, services.tts, processor,
             transport.output(), pair.assistant(),
         ]
     )  # fmt: skip

@@ -89,6 +89,11 @@ class BotManager(Protocol):
 
     def bots(self) -> list[BotStatus]: ...
 
+    def bot_names(self) -> set[str]:
+        """The display names of our live Daily bots: a bot never follows another one of ours."""
+        with self._lock:
+            return {b.settings.bot_name for b in self._bots.values() if b.alive and b.settings.kind == "daily"}
+
     def running_ids(self) -> list[str]: ...
 
     def avatar_in_use(self, name: str) -> str | None:
@@ -160,10 +165,13 @@ class BotManagerBase(Generic[_Bot]):
         raise NotImplementedError
 
     # ---------------------------------------------------------------- bookkeeping
-    def _add(self, make: Callable[[str], _Bot]) -> _Bot:
-        """A new bot from `make(bot_id)`, kept under its id; refused while `max_bots` are alive."""
+    def _add(self, make: Callable[[str], _Bot], settings: TransportSettings | None = None) -> _Bot:
+        """A new bot from `make(bot_id)`, kept under its id; refused while `max_bots` are alive, or (unless its
+        settings allow it) when another of our bots serves the same Daily room."""
         with self._lock:
             refuse_past_limit([(b.state, b.avatar_name) for b in self._bots.values() if b.alive], self._max_bots)
+            if settings is not None:
+                refuse_shared_room(settings, [(b.bot_id, b.settings) for b in self._bots.values() if b.alive])
             bot = make(f"bot-{next(self._ids)}")
             self._bots[bot.bot_id] = bot
             for bot_id in ended_to_forget({bot_id: b.alive for bot_id, b in self._bots.items()}):
@@ -226,6 +234,11 @@ class BotManagerBase(Generic[_Bot]):
             bots = list(self._bots.values())
         return self._report(bots)
 
+    def bot_names(self) -> set[str]:
+        """The display names of our live Daily bots: a bot never follows another one of ours."""
+        with self._lock:
+            return {b.settings.bot_name for b in self._bots.values() if b.alive and b.settings.kind == "daily"}
+
     def running_ids(self) -> list[str]:
         with self._lock:
             return [bot_id for bot_id, b in self._bots.items() if b.alive]
@@ -287,6 +300,28 @@ def refuse_past_limit(alive: list[tuple[str, str | None]], max_bots: int) -> Non
         state, avatar = alive[0]
         raise MuseTalkError(f"The bot is already {state} (avatar {avatar}); stop it first.")
     raise MuseTalkError(f"{len(alive)} bots are running, the most this runner starts ({max_bots}); stop one first.")
+
+
+def same_room(a: str | None, b: str | None) -> bool:
+    """Two Daily room URLs name the same room (host case and a trailing slash aside)."""
+    if not a or not b:
+        return False
+    split_a, split_b = a.rstrip("/").split("://", 1)[-1], b.rstrip("/").split("://", 1)[-1]
+    host_a, _, room_a = split_a.partition("/")
+    host_b, _, room_b = split_b.partition("/")
+    return host_a.lower() == host_b.lower() and room_a == room_b
+
+
+def refuse_shared_room(settings: TransportSettings, alive: list[tuple[str, TransportSettings]]) -> None:
+    """Two of our bots in one room re-publish each other (and a mirror bot lip-syncs the other avatar)."""
+    if settings.kind != "daily" or settings.daily.share_room:
+        return
+    for bot_id, other in alive:
+        if other.kind == "daily" and same_room(other.room_url, settings.room_url):
+            raise ConfigError(
+                f"Bot {bot_id} already serves the room {settings.room_url}: stop it first, or allow a second bot "
+                "in that room on purpose (--share-room, or 'Allow a second bot in this room' in the panel)."
+            )
 
 
 def ended_to_forget(alive_by_id: dict[str, bool]) -> list[str]:

@@ -6,8 +6,10 @@ from pipecat.audio.vad.silero import SileroVADAnalyzer
 from pipecat.audio.vad.vad_analyzer import VADParams
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.audio.vad_processor import VADProcessor
+from pipecat.processors.frame_processor import FrameProcessor
 from pipecat.transports.base_transport import BaseTransport, TransportParams
 
+from musetalk.bot.daily import DailyRoomSettings
 from musetalk.bot.processor import MuseTalkProcessor
 from musetalk.config import AUDIO_SAMPLE_RATE, VIDEO_FPS
 
@@ -16,13 +18,17 @@ from musetalk.config import AUDIO_SAMPLE_RATE, VIDEO_FPS
 VAD_PARAMS = VADParams(confidence=0.6, start_secs=0.1, stop_secs=0.3, min_volume=0.4)
 
 
-def transport_params(processor: MuseTalkProcessor, *, daily: bool = False) -> TransportParams:
-    """Audio in at 16 kHz (what whisper wants), avatar-sized video out at 25 fps."""
+def transport_params(processor: MuseTalkProcessor, *, room: DailyRoomSettings | None = None) -> TransportParams:
+    """Audio in at 16 kHz (what whisper wants), avatar-sized video out at 25 fps.
+
+    In a Daily room (`room`): audio out only where the room settings publish it, and one video
+    layer at 25 fps and the stated bitrate (unless simulcast was asked for).
+    """
     width, height = processor.video_size
     kwargs = dict(
         audio_in_enabled=True,
         audio_in_sample_rate=AUDIO_SAMPLE_RATE,
-        audio_out_enabled=True,
+        audio_out_enabled=processor.publish_audio,
         audio_out_sample_rate=AUDIO_SAMPLE_RATE if processor.settings.mode == "mirror" else None,
         audio_out_end_silence_secs=0,
         video_out_enabled=True,
@@ -33,14 +39,21 @@ def transport_params(processor: MuseTalkProcessor, *, daily: bool = False) -> Tr
         video_out_height=height,
         video_out_framerate=VIDEO_FPS,
     )
-    if daily:
+    if room is not None:
         from pipecat.transports.daily.transport import DailyParams
 
-        return DailyParams(**kwargs)
+        return DailyParams(**kwargs, camera_out_send_settings=room.camera_send_settings(VIDEO_FPS))
     return TransportParams(**kwargs)
 
 
-def build_pipeline(transport: BaseTransport, processor: MuseTalkProcessor) -> Pipeline:
-    """Mirror mode: whoever speaks in the room is lip-synced by the avatar."""
+def room_input(transport: BaseTransport, voice: FrameProcessor | None = None) -> list[FrameProcessor]:
+    """The transport's input, then (in a Daily room) the filter that lets only the followed voice through."""
+    return [transport.input()] if voice is None else [transport.input(), voice]
+
+
+def build_pipeline(
+    transport: BaseTransport, processor: MuseTalkProcessor, voice: FrameProcessor | None = None
+) -> Pipeline:
+    """Mirror mode: the followed speaker (the local page's viewer, or one person of a Daily room) is lip-synced."""
     vad = VADProcessor(vad_analyzer=SileroVADAnalyzer(sample_rate=AUDIO_SAMPLE_RATE, params=VAD_PARAMS))
-    return Pipeline([transport.input(), vad, processor, transport.output()])
+    return Pipeline([*room_input(transport, voice), vad, processor, transport.output()])

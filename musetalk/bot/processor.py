@@ -116,9 +116,13 @@ class MuseTalkProcessor(FrameProcessor):
         settings: LiveSettings | None = None,
         avatar_store: AvatarStore | None = None,
         service: GenerationBackend | None = None,
+        publish_audio: bool = True,
         **kwargs,
     ):
         super().__init__(**kwargs)
+        # False: images only, on the transport's own 25 fps video clock (a Daily room in mirror mode, where
+        # everyone hears the speaker already); the frames still leave at their audio's due time.
+        self._publish_audio = publish_audio
         self._config_path = Path(avatar_config_path) if avatar_config_path else None
         self._models = models
         self._avatar = avatar
@@ -206,6 +210,10 @@ class MuseTalkProcessor(FrameProcessor):
     @property
     def settings(self) -> LiveSettings:
         return self._settings
+
+    @property
+    def publish_audio(self) -> bool:
+        return self._publish_audio
 
     @property
     def avatar(self) -> Avatar | None:
@@ -453,18 +461,25 @@ class MuseTalkProcessor(FrameProcessor):
         if out.audio is None:  # idle ticker: no audio is flowing
             await self.push_frame(frame)
             return
-        frame.sync_with_audio = True  # shown when its audio starts playing: sync by construction
+        await self._count_mouth(out)
+        # With audio, the image is shown when its audio starts playing: sync by construction. Video only: the
+        # image replaces the current one now, its audio's due time, and the transport's 25 fps clock sends it.
+        frame.sync_with_audio = self._publish_audio
+        await self.push_frame(frame)
+        self._emitted += 1
+        if self._publish_audio and self._settings.lip_syncs_tts:
+            await self.push_frame(TTSAudioRawFrame(out.audio, out.audio_rate, 1, context_id=out.context_id))
+        elif self._publish_audio:
+            await self.push_frame(OutputAudioRawFrame(out.audio, out.audio_rate, 1))
+        if self._settings.lip_syncs_tts:
+            await self._release_held()
+
+    async def _count_mouth(self, out: OutputFrame) -> None:
+        """The first moving mouth of an utterance stops its TTFB clock (first TTS audio -> first mouth)."""
         if out.generated and self._utterance.first_audio_at is not None:
             self._utterance.first_mouth_s.append(time.monotonic() - self._utterance.first_audio_at)
             self._utterance.first_audio_at = None
             await self.stop_ttfb_metrics()
-        await self.push_frame(frame)
-        self._emitted += 1
-        if self._settings.lip_syncs_tts:
-            await self.push_frame(TTSAudioRawFrame(out.audio, out.audio_rate, 1, context_id=out.context_id))
-            await self._release_held()
-        else:
-            await self.push_frame(OutputAudioRawFrame(out.audio, out.audio_rate, 1))
 
 
 def _image_frame(image: np.ndarray) -> OutputImageRawFrame:

@@ -7,8 +7,10 @@ bot's thread runs its own asyncio loop; in it:
   browsers; every viewer gets its own pipeline and its own session on the shared generation
   service (`?avatar=NAME` on the page picks another prepared avatar). A viewer whose pipeline
   fails ends alone; the others go on.
-* Daily transport: one pipeline joined to the room; a Daily error (unreachable room, bad
-  token) ends the bot in state "error" with a readable message.
+* Daily transport: one pipeline joined to the room, fed by one participant's voice at a time
+  (musetalk/bot/room.py, musetalk/bot/follow.py); a Daily error (unreachable room, bad token,
+  ejected) ends the bot in state "error" with a readable message; alone too long, it leaves.
+  However it ends, the call is left and then released, once.
 
 A pipeline is `build_pipeline(transport, MuseTalkProcessor)` run by a `PipelineWorker` on its
 own `WorkerRunner(handle_sigint=False)` (signals belong to the main thread). Other threads
@@ -23,7 +25,7 @@ import contextlib
 import statistics
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +33,7 @@ from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore, validate_name
 from musetalk.bot.daily import daily_error_message
+from musetalk.bot.room import DailyRoom
 from musetalk.bot.status import STATES, BotStatus, combine_stats
 from musetalk.bot.transcript import Transcript, TranscriptObserver
 from musetalk.bot.transports import LocalWebRTCServer, TransportSettings, make_daily_transport, make_local_transport
@@ -67,6 +70,7 @@ class _Session:
     task: asyncio.Task | None = None
     viewer: bool = False  # a local viewer: its failure ends only this session
     avatar_name: str | None = None
+    release: Callable[[], Awaitable[None]] | None = None  # Daily: release the call client, whatever else happened
 
 
 def readable(exc: BaseException) -> str:
@@ -90,8 +94,11 @@ class BotRun:
         service: GenerationBackend | None = None,
         avatar_store: AvatarStore | None = None,
         speech: SpeechSetup | None = None,
+        our_bot_names: Callable[[], set[str]] = set,
     ) -> None:
         self.models = models
+        self._our_bot_names = our_bot_names  # a Daily bot never follows another of ours
+        self.room: DailyRoom | None = None
         self.speech = speech
         self.transcript = Transcript()
         self.settings = settings
@@ -108,7 +115,6 @@ class BotRun:
         self.url: str | None = None
         self.running_since: float | None = None
         self.ended_at: float | None = None
-        self.participants = 0  # Daily participants other than the bot
         self.stop_requested = False
         self.failed = False  # an error ended it (not an operator's stop): the final state is "error"
         self.detached = False  # stop() answered already; the thread finishes its teardown on its own
@@ -204,7 +210,8 @@ class BotRun:
             if stats is not None and getattr(stats, "warning", None):
                 warning = stats.warning if not warning else f"{stats.warning}; {warning}"
             alive = self.state in ("starting", "running", "stopping")
-            viewers = (self.participants if self.settings.kind == "daily" else len(self.sessions)) if alive else 0
+            room = self.room
+            viewers = (room.participants if room is not None else len(self.sessions)) if alive else 0
             return BotStatus(
                 state=self.state,
                 avatar=self.avatar_name,
@@ -223,6 +230,7 @@ class BotRun:
                 bot_id=self.bot_id,
                 viewers=viewers,
                 room_url=self.settings.room_url,
+                following=room.following if room is not None and alive else None,
                 speaking=bool(getattr(stats, "speaking", False)) and alive,
                 first_mouth_ms=getattr(stats, "first_mouth_ms", None),
                 first_mouth_p95_ms=getattr(stats, "first_mouth_p95_ms", None),
@@ -296,7 +304,6 @@ class BotRun:
                     self._stop_event = None
                     self.sessions = {}
                     self._viewer_avatars = {}
-                    self.participants = 0
                 asyncio.set_event_loop(None)
                 loop.close()
                 self.started.set()
@@ -334,74 +341,76 @@ class BotRun:
             await server.stop()
 
     async def _main_daily(self) -> None:
+        from musetalk.bot.follow import FollowedVoiceFilter
         from musetalk.bot.pipeline import transport_params
 
-        processor = await self._new_processor(self.avatar)
-        transport = make_daily_transport(self.settings, transport_params(processor, daily=True))
-        join_settled = asyncio.Event()  # joined, or the join failed
-        self._watch_daily(transport, join_settled)
-        session = await self._start_session(_DAILY_SESSION, processor, transport, connection=None)
+        room_settings = self.settings.daily
+        processor = await self._new_processor(self.avatar, publish_audio=room_settings.publishes_audio(self.live.mode))
+        transport = make_daily_transport(self.settings, transport_params(processor, room=room_settings))
+        room = DailyRoom(
+            self.settings.room_url or "", room_settings, is_bot=self._is_bot, fail=self.fail, leave=self.leave
+        )
+        room.watch(transport)
+        with self._lock:
+            self.room = room
+        session = await self._start_session(
+            _DAILY_SESSION, processor, transport, connection=None, voice=FollowedVoiceFilter(room.choice)
+        )
+        session.release = transport.release_call
         self._mark_running()
+        alone = asyncio.ensure_future(room.leave_when_alone())
         try:
             stop_wait = asyncio.ensure_future(self._stop_event.wait())
             await asyncio.wait({stop_wait, session.task}, return_when=asyncio.FIRST_COMPLETED)
             stop_wait.cancel()
             if session.task.done() and not self.stop_requested and self.error is None:
                 logger.info("The Daily pipeline ended")
-            if not join_settled.is_set() and not session.task.done():
+            if not room.settled.is_set() and not session.task.done():
                 # Stopped while joining: Daily cannot drop a join half way (releasing the call blocks
                 # until the join ends), and cancelling it would lose its outcome. The operator's stop
                 # has answered already (BotRunner.stop detaches); here the join's real result (e.g.
                 # "the room lookup failed") still reaches on_error and becomes last_error.
                 with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(join_settled.wait(), timeout=_DAILY_JOIN_SETTLE_S)
+                    await asyncio.wait_for(room.settled.wait(), timeout=_DAILY_JOIN_SETTLE_S)
         finally:
+            alone.cancel()
             await self._end_sessions("the bot is stopping")
 
-    def _watch_daily(self, transport: Any, join_settled: asyncio.Event) -> None:
-        participants: set[str] = set()
+    def _is_bot(self, name: str) -> bool:
+        """Never followed: our own bots (this one included) and the names the operator listed."""
+        names = {*self._our_bot_names(), *self.settings.daily.never_follow, self.settings.bot_name}
+        return name.casefold() in {n.casefold() for n in names}
 
-        @transport.event_handler("on_error")
-        async def on_error(_transport, error: Any) -> None:
-            join_settled.set()
-            self.fail(daily_error_message(self.settings.room_url or "", str(error)))
-
-        @transport.event_handler("on_joined")
-        async def on_joined(_transport, _data: Any) -> None:
-            join_settled.set()
-            logger.info("Joined the Daily room {}", self.settings.room_url)
-
-        @transport.event_handler("on_participant_joined")
-        async def on_participant_joined(_transport, participant: Any) -> None:
-            participants.add(str(participant.get("id")))
-            with self._lock:
-                self.participants = len(participants)
-
-        @transport.event_handler("on_participant_left")
-        async def on_participant_left(_transport, participant: Any, _reason: Any) -> None:
-            participants.discard(str(participant.get("id")))
-            with self._lock:
-                self.participants = len(participants)
+    def leave(self, note: str) -> None:
+        """End the run on purpose (not an error): the note stays on its status."""
+        with self._lock:
+            self.warning = note
+        logger.info("Bot {} {}", self.bot_id, note)
+        self.request_stop()
 
     # ---------------------------------------------------------------- sessions
     def _public_status(self) -> dict[str, Any]:
         return self.snapshot(self._read_stats()).to_dict()
 
-    async def _new_processor(self, avatar: Avatar | None) -> MuseTalkProcessor:
+    async def _new_processor(self, avatar: Avatar | None, publish_audio: bool = True) -> MuseTalkProcessor:
         from musetalk.bot.processor import MuseTalkProcessor
 
-        processor = MuseTalkProcessor(models=self.models, avatar=avatar, settings=self.live, service=self.service)
+        processor = MuseTalkProcessor(
+            models=self.models, avatar=avatar, settings=self.live, service=self.service, publish_audio=publish_audio
+        )
         await processor.initialize_models()
         await processor.initialize_avatars()
         return processor
 
-    async def _start_session(self, key: str, processor: MuseTalkProcessor, transport: Any, connection: Any) -> _Session:
+    async def _start_session(
+        self, key: str, processor: MuseTalkProcessor, transport: Any, connection: Any, voice: Any = None
+    ) -> _Session:
         from pipecat.pipeline.worker import PipelineParams, PipelineWorker, ProcessorUnusablePolicy
         from pipecat.workers.runner import WorkerRunner
 
         viewer = key if connection is not None else None
         worker = PipelineWorker(
-            self._pipeline_for(transport, processor),
+            self._pipeline_for(transport, processor, voice),
             # The room's audio comes in at 16 kHz; the output rate is the transport's (16 kHz in mirror
             # mode), or the pipeline default where the transport leaves it open (a TTS's rate in speech mode).
             params=PipelineParams(audio_in_sample_rate=AUDIO_SAMPLE_RATE, enable_metrics=self.live.lip_syncs_tts),
@@ -436,21 +445,22 @@ class BotRun:
         self.sessions[key] = session
         return session
 
-    def _pipeline_for(self, transport: Any, processor: MuseTalkProcessor) -> Any:
-        """Mirror: the room's voice; say: the operator's text through the TTS; conversation: STT -> LLM -> TTS."""
+    def _pipeline_for(self, transport: Any, processor: MuseTalkProcessor, voice: Any = None) -> Any:
+        """Mirror: the room's voice; say: the operator's text through the TTS; conversation: STT -> LLM -> TTS.
+        `voice` (a Daily room) lets only the followed participant's audio in."""
         from musetalk.bot.pipeline import build_pipeline
 
         mode = self.live.mode
         if mode == "mirror":
-            return build_pipeline(transport, processor)
+            return build_pipeline(transport, processor, voice)
         from musetalk.bot.agent import build_conversation_pipeline, build_say_pipeline, build_services
 
         if self.speech is None:
             raise ConfigError(f"Mode {mode} needs a bot config (its TTS, and for a conversation its STT and LLM).")
         services = build_services(self.speech, "conversation" if mode == "conversation" else "say")
         if mode == "conversation":
-            return build_conversation_pipeline(transport, processor, services)
-        return build_say_pipeline(transport, processor, services)
+            return build_conversation_pipeline(transport, processor, services, voice)
+        return build_say_pipeline(transport, processor, services, voice)
 
     # ---------------------------------------------------------------- speaking (any thread)
     def say(self, text: str) -> int:
@@ -524,6 +534,8 @@ class BotRun:
                 logger.warning("The pipeline did not end within {} s; cancelling its task", _SESSION_END_TIMEOUT_S)
                 session.task.cancel()
                 await asyncio.gather(session.task, return_exceptions=True)
+        if session.release is not None:  # a Daily call: left by Pipecat's teardown (or just now), then released
+            await session.release()
         if session.connection is not None:
             try:
                 await session.connection.disconnect()

@@ -108,8 +108,9 @@ class BotRunner(BotManagerBase[BotRun]):
         run = self._add(
             lambda bot_id: BotRun(
                 self._models, transport_settings, live_settings, name, bot_id=bot_id, service=service,
-                avatar_store=store, speech=speech,
-            )
+                avatar_store=store, speech=speech, our_bot_names=self.bot_names,
+            ),
+            transport_settings,
         )  # fmt: skip
         self._wait_for_closing_pages(transport_settings)
         logger.info("Starting bot {}: avatar {}, {}, mode {}", run.bot_id, name, transport_settings, live_settings.mode)

@@ -32,6 +32,7 @@ class BotStatus:
     bot_id: str | None = None
     viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
     room_url: str | None = None  # the Daily room (no token)
+    following: str | None = None  # Daily: the participant whose voice the bot takes now (None: nobody yet)
     worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
     model_ms_per_frame: float | None = None  # what one generated frame costs the device (slowest session)
     # say / conversation modes

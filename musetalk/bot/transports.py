@@ -27,6 +27,7 @@ from urllib.parse import urlsplit
 from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from loguru import logger
 
+from musetalk.bot.daily import DailyRoomSettings
 from musetalk.errors import ConfigError, MuseTalkError
 
 if TYPE_CHECKING:
@@ -40,6 +41,7 @@ TRANSPORT_KINDS = ("local", "daily")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7861
 DAILY_URL_EXAMPLE = "https://your-domain.daily.co/room-name"
+DAILY_LEAVE_TIMEOUT_S = 10.0
 
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ROOM_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -122,6 +124,7 @@ class TransportSettings:
     host: str = DEFAULT_HOST
     port: int = DEFAULT_PORT
     ice_servers: tuple[IceServerSpec, ...] = field(default=(), repr=False)  # local page: STUN/TURN behind NAT
+    daily: DailyRoomSettings = field(default_factory=DailyRoomSettings)  # whom to follow, audio, leaving, video
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSPORT_KINDS:
@@ -136,8 +139,11 @@ class TransportSettings:
             raise ConfigError(f"Port {self.port!r} is out of range: use 1-65535 (or 0 for any free port).")
         if not self.host or any(c.isspace() for c in self.host):
             raise ConfigError(f"Host {self.host!r} is not a valid address (e.g. 127.0.0.1 or 0.0.0.0).")
-        if not self.bot_name or len(self.bot_name) > 100:
+        if not isinstance(self.bot_name, str) or not self.bot_name.strip() or len(self.bot_name) > 100:
             raise ConfigError("The bot name must be 1-100 characters.")
+        object.__setattr__(self, "bot_name", self.bot_name.strip())
+        if not isinstance(self.daily, DailyRoomSettings):
+            raise ConfigError("TransportSettings.daily must be a DailyRoomSettings.")
 
 
 def validate_room_url(url: str | None) -> str:
@@ -195,14 +201,64 @@ def validate_room_url(url: str | None) -> str:
 
 
 def make_daily_transport(settings: TransportSettings, params: TransportParams) -> DailyTransport:
-    """Pipecat's `DailyTransport` for the room in `settings` (params converted to `DailyParams`)."""
-    from pipecat.transports.daily.transport import DailyParams, DailyTransport
+    """Pipecat's `DailyTransport` for the room in `settings`, with Daily's own error event and a release that
+    always happens (see `_daily_transport_class`)."""
+    from pipecat.transports.daily.transport import DailyParams
 
     if settings.kind != "daily":
         raise ConfigError("make_daily_transport needs TransportSettings(kind='daily', room_url=...).")
     room_url = validate_room_url(settings.room_url)
     daily_params: DailyParams = params if isinstance(params, DailyParams) else DailyParams(**params.model_dump())
-    return DailyTransport(room_url, settings.token, settings.bot_name, params=daily_params)
+    return _daily_transport_class()(room_url, settings.token, settings.bot_name, params=daily_params)
+
+
+@functools.cache
+def _daily_transport_class() -> type:
+    """`DailyTransport` plus two things a long-running panel needs (a class made on first use: Pipecat's Daily
+    module loads daily-python, which only Daily bots need).
+
+    * Daily's `error` event (its message names Daily's error type: "ejected", "exp-token", ...), which
+      Pipecat 1.14 does not handle, reaches the `on_daily_error` event handlers.
+    * `release_call()` releases the Daily call client even when Pipecat's own teardown was cut short
+      (a leave that hangs): no ghost participant stays in the room, and no Daily callback can reach
+      the bot's event loop once it is closed.
+    """
+    from pipecat.transports.daily.transport import DailyTransport
+
+    class MuseTalkDailyTransport(DailyTransport):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self._register_event_handler("on_daily_error")
+            client = self._client
+            # daily-python calls its event handler's methods by name: this one goes through Pipecat's event queue.
+            client.on_error = lambda message: client._call_event_callback(self._on_daily_error, message)
+
+        async def _on_daily_error(self, message: str) -> None:
+            await self._call_event_handler("on_daily_error", message)
+
+        async def release_call(self, leave_timeout_s: float = DAILY_LEAVE_TIMEOUT_S) -> None:
+            """Leave (if Pipecat's teardown never got to it), then release the call client; idempotent.
+
+            Releasing blocks until a leave in progress ends, in a worker thread so that the leave's
+            completion still finds this event loop running.
+            """
+            from pipecat.transports.daily.transport import _CallState
+
+            client = self._client
+            if client._in_call() and client._client is not None:
+                client._call_state = _CallState.LEFT  # as Pipecat's leave() does first: "left" is no error now
+                try:
+                    error = await asyncio.wait_for(client._leave(), timeout=leave_timeout_s)
+                    if error:
+                        logger.warning("Leaving the Daily room: {}", error)
+                except asyncio.TimeoutError:
+                    logger.warning("Daily did not confirm the leave within {} s; releasing the call", leave_timeout_s)
+            try:
+                await asyncio.to_thread(client._cleanup)
+            except RuntimeError as exc:  # Pipecat's own cleanup released it in between
+                logger.debug("Daily call already released: {}", exc)
+
+    return MuseTalkDailyTransport
 
 
 def make_local_transport(connection: SmallWebRTCConnection, params: TransportParams) -> SmallWebRTCTransport:

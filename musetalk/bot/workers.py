@@ -199,9 +199,15 @@ class WorkerBotRunner(BotManagerBase[_Worker]):
         store_root = store.root
         if not store.exists(name):
             raise MuseTalkError(f"Avatar {name!r} is not in {store_root}; prepare it first (Avatars tab).")
+        if transport_settings.kind == "daily":  # each bot has a process of its own: tell it the others' names
+            never = (*transport_settings.daily.never_follow, *sorted(self.bot_names()))
+            transport_settings = dataclasses.replace(
+                transport_settings, daily=dataclasses.replace(transport_settings.daily, never_follow=never)
+            )
         worker = self._add(
             lambda bot_id: _Worker(bot_id, None, transport_settings,
-                                   self._starting_status(bot_id, name, transport_settings, live), avatars={name})
+                                   self._starting_status(bot_id, name, transport_settings, live), avatars={name}),
+            transport_settings,
         )  # fmt: skip
         self._wait_for_closing_pages(transport_settings)
         logger.info("Starting bot {} in a worker process: avatar {}, {}", worker.bot_id, name, transport_settings)

@@ -6,5 +6,6 @@
 * `boundary`: operator errors become `gr.Error` messages, never tracebacks.
 * `text`: Markdown and tables shown in the panel; no Gradio.
 * `avatars`, `live`, `render`, `system`: one tab each (components, actions, wiring).
+* `library`: the Avatars tab's library view (gallery, table, details), built and wired by `avatars`.
 * `ui`: the Blocks app that puts the tabs together; `app.py` parses flags and launches it.
 """

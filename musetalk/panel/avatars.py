@@ -1,5 +1,8 @@
 """The Avatars tab: preview a video, prepare an avatar, and the library (rename, re-prepare, delete).
 
+This module holds the tab's actions (the API endpoints), its preview and prepare sections and the
+wiring of all its events; the library's gallery, table and details are `musetalk.panel.library`.
+
 An avatar the live bot uses cannot be deleted, renamed or prepared again until the bot stops;
 damaged avatars (unreadable manifest) are listed with why, and can be deleted. Avatars made by
 older preprocessing rules are marked, and re-preparing brings them to the current rules.
@@ -10,7 +13,6 @@ API names: `preview`, `prepare`, `cancel_prepare`, `reprepare_avatar`, `list_ava
 
 from __future__ import annotations
 
-import html
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -18,35 +20,26 @@ from types import SimpleNamespace
 from typing import Any
 
 import gradio as gr
-import pandas as pd
-from PIL import Image
 
 from musetalk.avatar.prepare import PreparationCancelled, prepare_avatar, reprepare_avatar
 from musetalk.avatar.preview import preview_video
 from musetalk.avatar.store import AvatarManifest, validate_name
 from musetalk.config import PrepareSettings
-from musetalk.errors import AvatarError, MediaError, MissingWeightsError, MuseTalkError
+from musetalk.errors import AvatarError, MediaError, MissingWeightsError
 from musetalk.face.dwpose import DWPOSE_FILE
 from musetalk.models import Models
 from musetalk.panel.boundary import PROGRESS, message, operator_errors
 from musetalk.panel.engine import Engine
+from musetalk.panel.library import LibraryView, build_library
 from musetalk.panel.text import (
     LANDMARKS_HELP,
     PANEL_OFFLINE_HINT,
-    damaged_markdown,
-    delete_question,
     manifest_dict,
-    manifest_markdown,
-    older_markdown,
     prepare_settings,
     suggest_name,
     video_path,
 )
-from musetalk.weights import format_bytes
 
-LIBRARY_COLUMNS = (
-    "name", "state", "frames", "seconds", "size", "bbox_shift", "mask", "landmarks", "format", "disk", "created",
-)  # fmt: skip
 Run = Callable[..., AvatarManifest]  # (models, kept source video, progress callback, cancel event) -> manifest
 
 
@@ -63,11 +56,15 @@ def dwpose_hint(landmarks: str) -> Iterator[None]:
 
 
 class AvatarActions:
-    """The tab's actions (API endpoints and UI refreshes), bound to one engine."""
+    """The tab's actions (API endpoints, the avatar pickers other tabs use), bound to one engine.
+
+    `library` is the library view (`musetalk.panel.library`), listing avatars through `list_avatars`.
+    """
 
     def __init__(self, engine: Engine):
         self.engine = engine
         self.store = engine.store
+        self.library = LibraryView(engine, self.list_avatars)
 
     def wait_models(self, progress: gr.Progress) -> Models:
         return self.engine.models(on_wait=lambda: progress(0.0, desc="Loading the models (first use after start)"))
@@ -339,103 +336,13 @@ class AvatarActions:
         value = selected if selected in names else (names[0] if names and fallback_first else None)
         return gr.Dropdown(choices=names, value=value)
 
-    def refresh_library(self, selected: str | None):
-        entries = self.list_avatars()
-        manifests = [m for m in entries if not m["damaged"]]
-        damaged = [m for m in entries if m["damaged"]]
-        names = [m["name"] for m in entries]
-        gallery = []
-        for m in manifests:
-            thumb = self.store.thumbnail(m["name"])
-            if thumb.is_file():
-                with Image.open(thumb) as img:
-                    gallery.append((img.convert("RGB"), f"{m['name']} · {m['frame_count']} frames"))
-        table = pd.DataFrame(
-            [
-                {
-                    "name": m["name"],
-                    "state": "ready, older rules: re-prepare" if m["older_rules"] else "ready",
-                    "frames": m["frame_count"],
-                    "seconds": m["seconds"],
-                    "size": f"{m['frame_size'][0]}×{m['frame_size'][1]}",
-                    "bbox_shift": m["preparation"].get("bbox_shift"),
-                    "mask": m["preparation"].get("mask_mode_used"),
-                    "landmarks": m["landmark_source"] or "not recorded",
-                    "format": m["format_version"],
-                    "disk": format_bytes(m["disk_bytes"]),
-                    "created": m["created"],
-                }
-                for m in manifests
-            ]
-            + [{"name": d["name"], "state": f"DAMAGED: {d['reason']}"} for d in damaged],
-            columns=list(LIBRARY_COLUMNS),
-        ).sort_values("name", ignore_index=True)
-        value = selected if selected in names else (names[0] if names else None)
-        older = [m for m in manifests if m["older_rules"]]
-        note = "\n\n".join(
-            ([older_markdown(older)] if older else []) + ([damaged_markdown(damaged)] if damaged else [])
-        )
-        if not names:
-            note = "No avatars yet: upload a video above, check the preview, then press **Prepare**."
-        return gallery, table, gr.Dropdown(choices=names, value=value), note
-
-    def show_avatar(self, name: str | None):
-        if not name:
-            return "", None, gr.Row(visible=False)
-        damaged = [d for d in self.list_avatars() if d["damaged"] and d["name"] == name]
-        if damaged:
-            return damaged_markdown(damaged), damaged[0], gr.Row(visible=False)
-        try:
-            data = manifest_dict(self.store.manifest(name))
-        except MuseTalkError as exc:
-            return f"**{html.escape(str(exc))}**", None, gr.Row(visible=False)
-        return manifest_markdown(data), data, gr.Row(visible=False)
-
-    def pick_from_gallery(self, evt: gr.SelectData):
-        caption = evt.value.get("caption") if isinstance(evt.value, dict) else None
-        return caption.split(" · ")[0] if caption else gr.skip()
-
-    @operator_errors
-    def load_into_editor(self, name: str | None):
-        if not name:
-            raise AvatarError("Pick an avatar in the library first.")
-        m = manifest_dict(self.store.manifest(name))
-        prep = m["preparation"]
-        video = m["source_video"] if m["source_exists"] else None
-        if video is None:
-            gr.Warning(f"The source video of {name!r} is gone: upload it again to preview.")
-        # An avatar made by older rules comes back with today's size cap and landmark choice.
-        today = PrepareSettings()
-        current = not m["older_rules"]
-        return (
-            video,
-            name,
-            True,
-            prep.get("bbox_shift", 0),
-            prep.get("extra_margin", 10),
-            prep.get("parsing_mode", "jaw"),
-            prep.get("cheek_width", 90),
-            prep.get("max_side", today.max_side) if current else today.max_side,
-            prep.get("landmarks", today.landmarks) if current else today.landmarks,
-        )
-
-    @operator_errors
-    def confirm_delete(self, name: str | None):
-        if not name:
-            raise AvatarError("Pick an avatar in the library first.")
-        self.engine.refuse_if_in_use(name, "delete")
-        damaged = any(d.name == name for d in self.store.damaged())
-        if not damaged and not self.store.exists(name):
-            raise AvatarError(f"No avatar named {name!r}: press Refresh.")
-        return gr.Row(visible=True), delete_question(name, self.engine.source_deleted_with(name), damaged=damaged)
-
 
 def build(actions: AvatarActions) -> SimpleNamespace:
     """The tab's components (inside the caller's `gr.Tabs`)."""
     with gr.Tab("Avatars", id="avatars") as tab:
         preview = _build_preview()
         prepare = _build_prepare()
-        library = _build_library(actions)
+        library = build_library(actions.avatar_dropdown)
     return SimpleNamespace(tab=tab, **preview, **prepare, **library)
 
 
@@ -519,45 +426,9 @@ def _build_prepare() -> dict[str, Any]:
     return dict(locals())
 
 
-def _build_library(actions: AvatarActions) -> dict[str, Any]:
-    """3. Library: the gallery and table of avatars, and rename / re-prepare / delete of the selected one."""
-    gr.Markdown("### 3. Library")
-    library_empty = gr.Markdown()
-    library_gallery = gr.Gallery(
-        label="Prepared avatars (click one)",
-        columns=6,
-        height=220,
-        object_fit="contain",
-        allow_preview=False,
-        fit_columns=False,
-    )
-    library_table = gr.Dataframe(label="All avatars", interactive=False, wrap=True)
-    with gr.Row():
-        lib_select = actions.avatar_dropdown("Selected avatar", scale=3)
-        refresh_btn = gr.Button("Refresh", scale=1, elem_id="library-refresh-btn")
-    lib_details = gr.Markdown()
-    with gr.Accordion("Manifest (JSON)", open=False):
-        lib_json = gr.JSON(label="Manifest")
-    with gr.Row():
-        new_name = gr.Textbox(label="New name", scale=3)
-        rename_btn = gr.Button("Rename", scale=1, elem_id="rename-btn")
-    with gr.Row():
-        edit_btn = gr.Button("Load into the editor above", elem_id="edit-btn")
-        reprepare_btn = gr.Button("Re-prepare with the settings above", elem_id="reprepare-btn")
-        delete_btn = gr.Button("Delete…", variant="stop", elem_id="delete-btn")
-    with gr.Row(visible=False) as confirm_row:
-        confirm_text = gr.Markdown()
-        confirm_btn = gr.Button("Yes, delete it", variant="stop", elem_id="confirm-delete-btn")
-        keep_btn = gr.Button("Keep it", elem_id="keep-btn")
-    avatars_json = gr.JSON(visible=False)
-    renamed = gr.Textbox(visible=False)
-
-    return {k: v for k, v in locals().items() if k != "actions"}
-
-
 def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown], refresh_dropdowns) -> None:
     """Events of the tab; `dropdowns` (the Live and Render avatar pickers) follow the library."""
-    store = actions.store
+    store, library = actions.store, actions.library
     settings_in = [c.video, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.max_side, c.landmarks]
     extra_in = [c.max_side, c.landmarks]  # added after the older API inputs, so calls without them keep working
     library_out = [c.library_gallery, c.library_table, c.lib_select, c.library_empty]
@@ -582,7 +453,7 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
         note = f"Avatar **{manifest['name']}** is ready ({manifest['frame_count']} frames). Run it in the **Live** tab."
         live = live_value if live_value in store.names() else manifest["name"]
         render_pick = render_value if render_value in store.names() else manifest["name"]
-        return (note, *actions.refresh_library(manifest["name"]), *refresh_dropdowns(live, render_pick))
+        return (note, *library.refresh_library(manifest["name"]), *refresh_dropdowns(live, render_pick))
 
     c.prepare_btn.click(
         actions.prepare, [c.video, c.name, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, c.replace, *extra_in], c.prepared,
@@ -594,25 +465,25 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
 
     c.refresh_btn.click(
         actions.list_avatars, None, c.avatars_json, api_name="list_avatars", concurrency_limit=None
-    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+    ).then(library.refresh_library, c.lib_select, library_out, api_visibility="private").then(
         refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
     )
     details = [c.lib_details, c.lib_json, c.confirm_row]
-    c.lib_select.change(actions.show_avatar, c.lib_select, details, api_visibility="private")
-    c.library_gallery.select(actions.pick_from_gallery, None, c.lib_select, api_visibility="private")
+    c.lib_select.change(library.show_avatar, c.lib_select, details, api_visibility="private")
+    c.library_gallery.select(library.pick_from_gallery, None, c.lib_select, api_visibility="private")
 
     c.rename_btn.click(actions.rename_avatar, [c.lib_select, c.new_name], c.renamed, api_name="rename_avatar").success(
-        lambda n: ("", *actions.refresh_library(n)), c.renamed, [c.new_name, *library_out], api_visibility="private"
+        lambda n: ("", *library.refresh_library(n)), c.renamed, [c.new_name, *library_out], api_visibility="private"
     ).then(refresh_dropdowns, dropdowns, dropdowns, api_visibility="private")
-    c.delete_btn.click(actions.confirm_delete, c.lib_select, [c.confirm_row, c.confirm_text], api_visibility="private")
+    c.delete_btn.click(library.confirm_delete, c.lib_select, [c.confirm_row, c.confirm_text], api_visibility="private")
     c.keep_btn.click(hide_confirm, None, c.confirm_row, api_visibility="private")
     c.confirm_btn.click(actions.delete_avatar, c.lib_select, c.prepare_note, api_name="delete_avatar").then(
         hide_confirm, None, c.confirm_row, api_visibility="private"
-    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+    ).then(library.refresh_library, c.lib_select, library_out, api_visibility="private").then(
         refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
     )
     editor = [c.video, c.name, c.replace, c.bbox_shift, c.extra_margin, c.parsing_mode, c.cheek_width, *extra_in]
-    c.edit_btn.click(actions.load_into_editor, c.lib_select, editor, api_visibility="private").success(
+    c.edit_btn.click(library.load_into_editor, c.lib_select, editor, api_visibility="private").success(
         actions.auto_preview, settings_in, preview_out, api_visibility="private", concurrency_id="preview", concurrency_limit=1,
     )  # fmt: skip
     c.reprepare_btn.click(
@@ -621,6 +492,6 @@ def wire(actions: AvatarActions, c: SimpleNamespace, dropdowns: list[gr.Dropdown
     ).success(
         lambda m: f"Avatar **{m['name']}** prepared again ({m['frame_count']} frames).", c.prepared, c.prepare_note,
         api_visibility="private",
-    ).then(actions.refresh_library, c.lib_select, library_out, api_visibility="private").then(
-        actions.show_avatar, c.lib_select, details, api_visibility="private"
+    ).then(library.refresh_library, c.lib_select, library_out, api_visibility="private").then(
+        library.show_avatar, c.lib_select, details, api_visibility="private"
     )  # fmt: skip

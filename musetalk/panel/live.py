@@ -12,6 +12,7 @@ from types import SimpleNamespace
 import gradio as gr
 import pandas as pd
 
+from musetalk.bot.daily import DEFAULT_LEAVE_WHEN_ALONE_MIN, DailyRoomSettings
 from musetalk.bot.runner import BotStatus
 from musetalk.bot.transports import (
     DAILY_URL_EXAMPLE,
@@ -57,6 +58,11 @@ class LiveActions:
         local_port: float = DEFAULT_PORT,
         local_host: str = DEFAULT_HOST,
         latency_budget: float = DEFAULT_LATENCY_BUDGET_S,
+        bot_name: str = "MuseTalk avatar",
+        follow: str = "active",
+        mirror_audio: bool = False,
+        leave_when_alone: float = DEFAULT_LEAVE_WHEN_ALONE_MIN,
+        share_room: bool = False,
         progress=PROGRESS,
     ) -> dict:
         """Start a live bot (another one while others run, up to --max-bots): on a local WebRTC page, or in a Daily room.
@@ -70,6 +76,11 @@ class LiveActions:
             local_port: port of the local page (0 = any free port)
             local_host: address of the local page (127.0.0.1: this machine only)
             latency_budget: seconds a frame may wait for the model before it is shown idle (audio waits with it)
+            bot_name: the bot's display name in the Daily room
+            follow: whose voice a Daily bot takes, one person at a time: "active" (the active speaker, switching between utterances), "first" (the first to join) or a participant's name
+            mirror_audio: mirror mode in a Daily room: also publish the voice (off: video only, the room hears the speaker already)
+            leave_when_alone: minutes with nobody in the Daily room before the bot leaves (0 = never)
+            share_room: allow a second bot in a Daily room another bot serves (on purpose only: they re-publish each other)
         Returns:
             the bot status (state, url of the local page, ...)
         """
@@ -82,7 +93,14 @@ class LiveActions:
             mode = "say" if mode == "speech" else (mode or "mirror")
             speaking = self.engine.speech_setup() if mode in ("say", "conversation") else None
             if transport == "daily":
-                settings = TransportSettings(kind="daily", room_url=room_url, token=token)
+                room = DailyRoomSettings(
+                    follow=(follow or "active").strip(),
+                    publish_audio=True if mirror_audio else None,
+                    leave_when_alone_min=DEFAULT_LEAVE_WHEN_ALONE_MIN if leave_when_alone is None else leave_when_alone,
+                    share_room=bool(share_room),
+                )
+                name = (bot_name or "").strip() or "MuseTalk avatar"
+                settings = TransportSettings(kind="daily", room_url=room_url, token=token, bot_name=name, daily=room)
             else:
                 port = int(local_port) if local_port is not None else DEFAULT_PORT
                 settings = TransportSettings(
@@ -204,6 +222,43 @@ class LiveActions:
         return gr.Markdown(MODE_HELP.get(mode, ""))
 
 
+def _build_daily(on_spaces: bool) -> tuple:
+    """The Daily room's fields: the room, its token, and how the bot behaves in it."""
+    with gr.Group(visible=on_spaces) as daily_group:
+        room_url = gr.Textbox(
+            label="Daily room URL",
+            placeholder=DAILY_URL_EXAMPLE,
+            info="A room on your own Daily domain (https://your-domain.daily.co/...); other hosts are refused.",
+        )
+        token = gr.Textbox(
+            label="Daily token (optional, private rooms)",
+            type="password",
+            placeholder="never shown or logged",
+        )
+        with gr.Accordion("In the room", open=False):
+            bot_name = gr.Textbox(label="Bot name", value="MuseTalk avatar", max_length=100)
+            follow = gr.Textbox(
+                label="Follow", value="active",
+                info="Whose voice the bot takes, one person at a time: active (the active speaker, "
+                "switching between utterances), first (the first to join), or a participant's name.",
+            )  # fmt: skip
+            mirror_audio = gr.Checkbox(
+                label="Mirror mode: publish the voice too",
+                value=False,
+                info="Off: video only (the room hears the speaker already; on, everyone hears them twice).",
+            )
+            leave_when_alone = gr.Number(
+                label="Leave when alone (min)", value=DEFAULT_LEAVE_WHEN_ALONE_MIN, minimum=0,
+                maximum=1440, info="0 = never.",
+            )  # fmt: skip
+            share_room = gr.Checkbox(
+                label="Allow a second bot in this room",
+                value=False,
+                info="On purpose only: two mirror bots re-publish each other.",
+            )
+    return daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room
+
+
 def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) -> SimpleNamespace:
     """The tab's components; on Hugging Face Spaces the transport defaults to a Daily room."""
     default_transport = "daily" if on_spaces else "local"
@@ -215,17 +270,9 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                     [("Local page on this machine (no account)", "local"), ("Daily room", "daily")],
                     value=default_transport, label="Transport",
                 )  # fmt: skip
-                with gr.Group(visible=on_spaces) as daily_group:
-                    room_url = gr.Textbox(
-                        label="Daily room URL",
-                        placeholder=DAILY_URL_EXAMPLE,
-                        info="A room on your own Daily domain (https://your-domain.daily.co/...); other hosts are refused.",
-                    )
-                    token = gr.Textbox(
-                        label="Daily token (optional, private rooms)",
-                        type="password",
-                        placeholder="never shown or logged",
-                    )
+                daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room = (
+                    _build_daily(on_spaces)
+                )
                 with gr.Accordion("Local page address", open=False, visible=not on_spaces) as local_group:
                     local_host = gr.Textbox(
                         label="Host",
@@ -313,7 +360,8 @@ def wire(
     speech.wire(speech.SpeechActions(actions.engine), c.speech_box, c.picked_bot, c.mode, timer, demo_load)
     c.start_btn.click(
         actions.start_bot,
-        [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host, c.latency_budget],
+        [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host, c.latency_budget,
+         c.bot_name, c.follow, c.mirror_audio, c.leave_when_alone, c.share_room],
         c.status_json, api_name="start_bot", concurrency_id="bot_start", concurrency_limit=1, show_progress_on=c.status_md,
     ).then(actions.refresh_live, live_in, live_out, api_visibility="private")  # fmt: skip
     c.stop_btn.click(

@@ -205,7 +205,12 @@ def status_view(status: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| {format_duration(status.get('uptime_s') or 0)} | {fps} | {lat} | {status.get('frames', 0):,} | {realtime} | {viewer} |",
     ]
-    if status.get("warning"):
+    if status.get("transport") == "daily" and state == "running":
+        following = status.get("following")
+        lines.append(f"\nFollowing: **{html.escape(following)}**" if following else "\nFollowing: nobody yet")
+    if status.get("warning") and str(status["warning"]).startswith("left:"):
+        lines.append(f"\n{html.escape(status['warning'])}")
+    elif status.get("warning"):
         lines.append(f"\n**Warning:** {html.escape(status['warning'])}")
     if status.get("last_error"):
         lines.append(f"\n**Last error:** {html.escape(status['last_error'])}")

@@ -51,9 +51,9 @@ def build_ui(engine: Engine, *, on_spaces: bool = False) -> gr.Blocks:
             avatars_tab.lib_select,
             avatars_tab.library_empty,
         ]
-        demo.load(avatar_actions.refresh_library, avatars_tab.lib_select, library_out, api_visibility="private").then(
-            refresh_dropdowns, dropdowns, dropdowns, api_visibility="private"
-        ).then(
+        demo.load(
+            avatar_actions.library.refresh_library, avatars_tab.lib_select, library_out, api_visibility="private"
+        ).then(refresh_dropdowns, dropdowns, dropdowns, api_visibility="private").then(
             system_actions.view, None, [system_tab.system_md, system_tab.weights_table], api_visibility="private"
         ).then(system_actions.banner, None, banner, api_visibility="private")
     return demo
