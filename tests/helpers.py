@@ -220,3 +220,37 @@ class PanelServer:
         for secret in secrets:
             assert secret not in log, f"a secret ({secret[:4]}...) reached the log of {self.url}"
         assert code == 0, f"app.py exited with {code} after Ctrl-C:\n{log[-3000:]}"
+
+
+# --------------------------------------------------------------------------- the Daily stand-in
+DAILY_STANDIN = TESTS / "daily_standin"  # first on a subprocess's PYTHONPATH, `import daily` gets the stand-in
+
+
+def load_daily_standin() -> Any:
+    """The stand-in `daily` module (tests/daily_standin/daily), loaded once under the name "daily_standin" so it
+    never shadows the real `daily` in this process."""
+    import importlib.util
+
+    module = sys.modules.get("daily_standin")
+    if module is None or not hasattr(module, "configure"):
+        spec = importlib.util.spec_from_file_location("daily_standin", DAILY_STANDIN / "daily" / "__init__.py")
+        assert spec is not None and spec.loader is not None
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["daily_standin"] = module  # registered before it runs, as `import` does
+        spec.loader.exec_module(module)
+    return module
+
+
+def daily_standin(monkeypatch) -> Any:
+    """Pipecat's real DailyTransport over the stand-in, in this process: patches the names Pipecat's transport
+    module imported from `daily` (undone by `monkeypatch`) and has it call Daily.init() again. Returns the
+    stand-in module, reset (no scenarios, clients or rooms)."""
+    import pipecat.transports.daily.transport as daily_transport
+
+    standin = load_daily_standin()
+    standin.reset()
+    names = ("AudioData", "CallClient", "CustomAudioSource", "CustomAudioTrack", "CustomVideoSource")
+    for name in (*names, "CustomVideoTrack", "Daily", "VideoFrame", "VirtualSpeakerDevice"):
+        monkeypatch.setattr(daily_transport, name, getattr(standin, name))
+    monkeypatch.setattr(daily_transport.DailyTransportClient, "_daily_initialized", False)
+    return standin

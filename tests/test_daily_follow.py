@@ -15,7 +15,9 @@ VOICE = (np.sin(np.arange(320) / 3.0) * 4000).astype(np.int16).tobytes()  # 20 m
 QUIET = np.zeros(320, dtype=np.int16).tobytes()
 
 
-def talk(choice: SpeakerChoice, who: str, start: float, end: float, others: dict[str, bytes] | None = None) -> list[str]:
+def talk(
+    choice: SpeakerChoice, who: str, start: float, end: float, others: dict[str, bytes] | None = None
+) -> list[str]:
     """Feed 20 ms chunks of `who` talking from start to end (others sending what `others` says); who passed."""
     passed = []
     t = start
