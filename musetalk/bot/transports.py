@@ -237,20 +237,21 @@ def _daily_transport_class() -> type:
             await self._call_event_handler("on_daily_error", message)
 
         async def release_call(self, leave_timeout_s: float = DAILY_LEAVE_TIMEOUT_S) -> None:
-            """Leave (if Pipecat's teardown never got to it), then release the call client; idempotent.
+            """Leave (unless Pipecat's teardown left already), then release the call client; idempotent.
 
-            Releasing blocks until a leave in progress ends, in a worker thread so that the leave's
-            completion still finds this event loop running.
+            Pipecat skips the leave when its own join was cut short by the stop (it believes it never
+            joined, while Daily may have): the leave here covers that. Releasing blocks until a leave
+            in progress ends, in a worker thread, so the leave's completion still finds this loop running.
             """
             from pipecat.transports.daily.transport import _CallState
 
             client = self._client
-            if client._in_call() and client._client is not None:
+            if client._call_state != _CallState.LEFT and client._client is not None:
                 client._call_state = _CallState.LEFT  # as Pipecat's leave() does first: "left" is no error now
                 try:
                     error = await asyncio.wait_for(client._leave(), timeout=leave_timeout_s)
                     if error:
-                        logger.warning("Leaving the Daily room: {}", error)
+                        logger.debug("Leaving the Daily room: {}", error)
                 except asyncio.TimeoutError:
                     logger.warning("Daily did not confirm the leave within {} s; releasing the call", leave_timeout_s)
             try:

@@ -25,10 +25,12 @@ Values crossing the service's boundary are plain (`musetalk.live.requests`), so 
 
 from __future__ import annotations
 
+import atexit
 import itertools
 import os
 import threading
 import time
+import weakref
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -321,6 +323,7 @@ class GenerationService:
             self._blender = ThreadPoolExecutor(max_workers=self._blend_threads(), thread_name_prefix="musetalk-blend")
             self._worker = threading.Thread(target=self._run, name="musetalk-service", daemon=True)
             self._worker.start()
+            _RUNNING.add(self)
 
     @staticmethod
     def default_blend_threads(settings: ServiceSettings) -> int:
@@ -516,3 +519,15 @@ def new_session_id(prefix: str = "s") -> str:
 
 
 _ids = itertools.count(1)
+
+
+# Services whose worker thread runs. At interpreter exit each is closed and its worker joined before Python
+# finalizes: a daemon thread still inside torch (a warm-up, a batch) would otherwise be unwound through C++
+# frames by the finalizer, and the process would abort ("terminate called without an active exception").
+_RUNNING: weakref.WeakSet[GenerationService] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_running_services() -> None:
+    for service in list(_RUNNING):
+        service.close()

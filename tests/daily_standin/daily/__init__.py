@@ -401,6 +401,8 @@ class Room:
                 "writes": len(self.audio_writes), "seconds": len(audio) / channels / rate, "sample_rate": rate,
                 "channels": channels, "outside_call": self.audio_writes_outside_call,
                 "max_lead_s": round(max((w.play_start - w.time for w in self.audio_writes), default=0.0), 4),
+                "play_starts": [round(self.time(w.play_start), 4) for w in self.audio_writes if w.track == "microphone"],
+                "samples": [len(w.data) // 2 // w.channels for w in self.audio_writes if w.track == "microphone"],
             },
             "active_speaker_changes": [[round(t, 4), name] for t, name in self.active_speaker_changes],
             "app_messages": self.app_messages,
