@@ -380,3 +380,51 @@ def test_the_seed_cli_in_a_room_follows_one_voice_and_leaves_when_alone(tmp_path
     assert later - talking <= 80, [(round(t), round(m)) for t, m in memory]
     assert after <= 3.0
     assert counts["neither"] <= 0.05 * (counts["alice"] + counts["bob"])
+
+
+def test_in_conversation_mode_only_the_followed_voice_reaches_the_stt(models, prepared_avatar, room, voices):
+    """Followed by name: Alice asks, Bob talks over her. Every clip the STT transcribes is Alice's voice, and
+    the avatar answers out loud (conversation mode publishes its speech)."""
+    import io
+
+    from openai_standin import OpenAIStandIn
+
+    from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup
+
+    heard: list[np.ndarray] = []
+
+    def transcribe(wav_bytes: bytes) -> str:
+        with wave.open(io.BytesIO(wav_bytes)) as w:
+            assert w.getframerate() == 16000
+            heard.append(np.frombuffer(w.readframes(w.getnframes()), dtype=np.int16))
+        return "Hello, who are you?"
+
+    room.configure(ROOM, {"participants": [
+        {"name": "bob", "audio": str(voices["bob"]), "audio_at": 1.0},
+        {"name": "Alice", "join_at": 0.1, "audio": str(voices["alice"]), "audio_at": 0.5},
+    ]})  # fmt: skip
+    with OpenAIStandIn(transcribe=transcribe) as api:
+        config = BotConfig(
+            system_prompt="You are Astro.",
+            stt=ServiceConfig("stt", "openai", api.base_url, "whisper-1", "TEST_STT_KEY"),
+            llm=ServiceConfig("llm", "openai", api.base_url, "test-llm", "TEST_LLM_KEY"),
+            tts=ServiceConfig("tts", "espeak", voice="en-us"),
+        )
+        speech = SpeechSetup(config, {"TEST_STT_KEY": "k", "TEST_LLM_KEY": "k"}.get)
+        runner = BotRunner(models)
+        settings = TransportSettings(kind="daily", room_url=ROOM, daily=DailyRoomSettings(follow="alice"))
+        try:
+            runner.start(
+                prepared_avatar, settings, LiveSettings(mode="conversation", latency_budget_s=1.0), speech=speech
+            )
+            assert wait_until(lambda: len(api.chat_requests()) >= 1, timeout=seconds(voices["alice"]) + 20)
+            assert runner.status().following == "Alice"
+            assert wait_until(lambda: room.rooms[ROOM].audio_writes, timeout=20)
+        finally:
+            runner.stop()
+    sources = {"alice": pcm(voices["alice"]), "bob": pcm(voices["bob"])}
+    counts = [whose(clip, sources) for clip in heard]
+    print(f"\nSTT clips (voiced 20 ms pieces by speaker): {counts}")
+    assert heard and sum(c["alice"] for c in counts) >= 25
+    assert sum(c["bob"] + c["neither"] for c in counts) == 0
+    assert room.rooms[ROOM].join_settings["publishing"]["microphone"]["isPublishing"] is True
