@@ -693,3 +693,27 @@ def test_address_flags_spaces_and_auth():
     assert app.parse_auth("admin:pa:ss") == ("admin", "pa:ss")
     assert app.parse_auth(None) is None
     assert app.main(["--auth", "no-password"]) == 2
+
+
+def _rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmRSS")
+
+
+@pytest.mark.slow  # 105 starts and stops through the panel's API
+def test_a_hundred_starts_and_stops_through_the_api_keep_the_panel_flat(panel, prepared):
+    """As an operator's script would: start_bot (local page) / stop_bot through gradio_client. After 5 warm-ups,
+    100 cycles grow the panel's RSS by less than 50 MB (ended bots keep their status, not their avatar)."""
+    client, pid = panel.client, panel.proc.pid
+    curve = []
+    for cycle in range(105):
+        status = client.predict("astro", "local", "", "", "mirror", 0, "127.0.0.1", api_name="/start_bot")
+        assert status["state"] == "running", status
+        assert client.predict(api_name="/stop_bot")["state"] == "stopped"
+        if cycle == 4 or cycle % 20 == 4:
+            curve.append((cycle + 1, round(_rss_mb(pid))))
+    grown = curve[-1][1] - curve[0][1]
+    print(f"\npanel RSS (cycle, MB): {curve}; {grown:+d} MB over 100 cycles after 5 warm-ups")
+    assert grown < 50, curve

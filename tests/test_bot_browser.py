@@ -326,6 +326,13 @@ def analyse(data, stats, bot_status, rx_fps_on_page, avatar, box, video_size, cy
     bot_fps = bot_status.get("fps") or 0.0
     assert bot_fps >= BOT_MIN_FPS, f"the bot sends {bot_fps:.1f} fps (its status: {bot_status})"
     assert fps >= PRESENTED_SHARE * bot_fps, f"{fps:.1f} fps presented of the {bot_fps:.1f} the bot sends"
+    # Per-viewer truth: the status counts what this viewer's video track sent, and the bot's fps is that
+    # (its slowest viewer's), close to what the page counted arriving.
+    (viewer,) = bot_status["viewer_stats"]
+    assert viewer["state"] == "connected" and viewer["frames_sent"] >= 100, viewer
+    assert viewer["fps"] == bot_fps, (viewer, bot_fps)
+    if rx_fps_on_page:
+        assert abs(viewer["fps"] - rx_fps_on_page) <= 0.25 * rx_fps_on_page, (viewer, rx_fps_on_page)
     # Silence: the picture is the avatar's idle loop (upper face and mouth match an avatar frame).
     assert np.median(upper_best[idle]) < 12, "the idle video does not match the avatar's frames"
     assert moving[idle].mean() < 0.1, "the mouth moves in silence"

@@ -33,6 +33,7 @@ from loguru import logger
 
 from musetalk.avatar.store import Avatar, AvatarStore, validate_name
 from musetalk.bot.daily import daily_error_message
+from musetalk.bot.meter import ViewerMeter
 from musetalk.bot.room import DailyRoom
 from musetalk.bot.status import STATES, BotStatus, combine_stats
 from musetalk.bot.transcript import Transcript, TranscriptObserver
@@ -71,6 +72,8 @@ class _Session:
     viewer: bool = False  # a local viewer: its failure ends only this session
     avatar_name: str | None = None
     release: Callable[[], Awaitable[None]] | None = None  # Daily: release the call client, whatever else happened
+    transport: Any = None
+    meter: ViewerMeter | None = None  # a local viewer: the frames its video track actually sent
 
 
 def readable(exc: BaseException) -> str:
@@ -126,6 +129,7 @@ class BotRun:
         self._admitting: set[str] = set()  # avatar names being loaded for a viewer's offer
         self._stop_event: asyncio.Event | None = None
         self._last_stats: Any = None
+        self._viewer_figures: tuple[dict, ...] = ()  # per local viewer, read with the stats
 
     # ---------------------------------------------------------------- thread-safe state
     @property
@@ -173,6 +177,7 @@ class BotRun:
             self.state = state
             self.error = self.error or error
             self.failed = state == "error"
+            self._release_held_objects()
         self.started.set()
 
     def detach(self) -> None:
@@ -212,6 +217,8 @@ class BotRun:
             alive = self.state in ("starting", "running", "stopping")
             room = self.room
             viewers = (room.participants if room is not None else len(self.sessions)) if alive else 0
+            figures = self._viewer_figures if alive else ()
+            received = [v["fps"] for v in figures if v["fps"] is not None]
             return BotStatus(
                 state=self.state,
                 avatar=self.avatar_name,
@@ -220,7 +227,7 @@ class BotRun:
                 mode=self.live.mode,
                 viewer_connected=viewers > 0,
                 uptime_s=round(uptime, 1),
-                fps=getattr(stats, "fps", None),
+                fps=min(received) if received else getattr(stats, "fps", None),
                 frames=int(getattr(stats, "frames", 0) or 0),
                 mouth_latency_ms=getattr(stats, "mouth_latency_ms", None),
                 realtime=getattr(stats, "realtime", None),
@@ -231,6 +238,7 @@ class BotRun:
                 viewers=viewers,
                 room_url=self.settings.room_url,
                 following=room.following if room is not None and alive else None,
+                viewer_stats=figures,
                 speaking=bool(getattr(stats, "speaking", False)) and alive,
                 first_mouth_ms=getattr(stats, "first_mouth_ms", None),
                 first_mouth_p95_ms=getattr(stats, "first_mouth_p95_ms", None),
@@ -262,14 +270,18 @@ class BotRun:
             return self._last_stats  # the last figures are good enough for a status line
 
     def _read_stats(self) -> Any:
-        stats = []
+        stats, viewers = [], []
         for session in list(self.sessions.values()):
             try:
                 stats.append(session.processor.stats())
+                if session.viewer:
+                    session.meter = session.meter or ViewerMeter(session.key)
+                    viewers.append(session.meter.read(session.transport, session.connection))
             except Exception as exc:  # stats must never break the status line
                 logger.debug("Processor stats unavailable: {}", exc)
         if stats:
             self._last_stats = combine_stats(stats)
+        self._viewer_figures = tuple(viewers)
         return self._last_stats
 
     async def _read_stats_async(self) -> Any:
@@ -304,10 +316,21 @@ class BotRun:
                     self._stop_event = None
                     self.sessions = {}
                     self._viewer_avatars = {}
+                    self._release_held_objects()
                 asyncio.set_event_loop(None)
                 loop.close()
                 self.started.set()
                 logger.info("Bot {} {}", self.bot_id, "ended with an error" if self.failed else "stopped")
+
+    def _release_held_objects(self) -> None:
+        """An ended run keeps its status record only: not its avatar (maybe GPU tensors), models, service,
+        room or speech services. Called with the lock held, as the thread's last step."""
+        self.avatar = None
+        self.models = None
+        self.service = None
+        self.store = None
+        self.room = None
+        self._viewer_figures = ()
 
     async def _main(self) -> None:
         with self._lock:
@@ -421,6 +444,7 @@ class BotRun:
         )
         session = _Session(key=key, processor=processor, worker=worker, runner=None, connection=connection)
         session.viewer = connection is not None
+        session.transport = transport
 
         @worker.event_handler("on_pipeline_error")
         async def on_pipeline_error(_worker, frame: Any) -> None:

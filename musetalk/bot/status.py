@@ -23,7 +23,7 @@ class BotStatus:
     mode: str | None = None  # mirror | speech
     viewer_connected: bool = False
     uptime_s: float = 0.0
-    fps: float | None = None
+    fps: float | None = None  # the slowest viewer's received fps (local page), else what the session produced
     frames: int = 0
     mouth_latency_ms: float | None = None
     realtime: bool | None = None
@@ -33,6 +33,8 @@ class BotStatus:
     viewers: int = 0  # local page: connected viewers (each its own session); Daily: participants
     room_url: str | None = None  # the Daily room (no token)
     following: str | None = None  # Daily: the participant whose voice the bot takes now (None: nobody yet)
+    # local page: each viewer's state, frames its video track actually sent, its fps and backlog (frames queued)
+    viewer_stats: tuple[dict, ...] = ()
     worker_pid: int | None = None  # the bot's own worker process (Ray backend), None when it runs in this process
     model_ms_per_frame: float | None = None  # what one generated frame costs the device (slowest session)
     # say / conversation modes

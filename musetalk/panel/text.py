@@ -205,6 +205,12 @@ def status_view(status: dict) -> str:
         "|---|---|---|---|---|---|",
         f"| {format_duration(status.get('uptime_s') or 0)} | {fps} | {lat} | {status.get('frames', 0):,} | {realtime} | {viewer} |",
     ]
+    for viewer in status.get("viewer_stats") or ():
+        fps = "–" if viewer.get("fps") is None else f"{viewer['fps']:.1f} fps"
+        lines.append(
+            f"\nViewer `{html.escape(str(viewer.get('viewer')))}`: {html.escape(str(viewer.get('state')))}, {fps} received "
+            f"({viewer.get('frames_sent', 0):,} frames sent, {viewer.get('backlog', 0)} queued)"
+        )
     if status.get("transport") == "daily" and state == "running":
         following = status.get("following")
         lines.append(f"\nFollowing: **{html.escape(following)}**" if following else "\nFollowing: nobody yet")
