@@ -3,7 +3,7 @@
 
     python app.py [--host 127.0.0.1] [--port 7860] [--share] [--auth user:password]
                   [--models-dir models] [--avatars-dir avatars] [--fetch-weights]
-                  [--ice-servers 'stun:... user:secret@turn:...']
+                  [--ice-servers 'stun:... user:secret@turn:...'] [--page-key KEY]
 
 Flags, the engine and the launch; the panel lives in `musetalk/panel/`. One copy of the
 models is loaded in the background at start and shared by preview, preparation, render and
@@ -13,8 +13,8 @@ see README, "Control panel"), so `gradio_client` can drive the panel.
 On Hugging Face Spaces (SPACE_ID set) missing weights are fetched at start-up in the
 background (the banner shows the progress) and the Live tab defaults to a Daily room.
 Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, HF_ENDPOINT (a hub
-mirror), MUSETALK_OFFLINE=1, MUSETALK_ICE_SERVERS, GRADIO_SERVER_NAME/PORT, SPACE_ID, and the key
-variables the bot config names (api_key_env, e.g. LLM_API_KEY).
+mirror), MUSETALK_OFFLINE=1, MUSETALK_ICE_SERVERS, MUSETALK_PAGE_KEY, GRADIO_SERVER_NAME/PORT, SPACE_ID,
+and the key variables the bot config names (api_key_env, e.g. LLM_API_KEY).
 """
 
 from __future__ import annotations
@@ -67,6 +67,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="STUN/TURN servers for the local live page behind NAT, e.g. 'stun:stun.example.com:3478 "
         "user:secret@turn:turn.example.com:3478' (or MUSETALK_ICE_SERVERS; a JSON list of RTCIceServer works too)",
+    )
+    parser.add_argument(
+        "--page-key",
+        metavar="KEY",
+        default=None,
+        help="the key viewers of the local live pages need (?key=KEY; or MUSETALK_PAGE_KEY). Without one, a page "
+        "served beyond loopback gets a random key, shown in its link in the Live tab",
     )
     parser.add_argument(
         "--max-bots", type=int, default=4, metavar="N", help="most live bots running at once (default 4)"
@@ -122,7 +129,7 @@ def parse_auth(value: str | None) -> tuple[str, str] | None:
 def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Environ = os.environ):
     """What the engine may do on its own, from the flags and the environment (the only place that reads it)."""
     from musetalk.bot.agent_config import environment_keys
-    from musetalk.bot.transports import parse_ice_servers
+    from musetalk.bot.transports import check_page_key, parse_ice_servers
     from musetalk.panel.engine import EngineOptions
     from musetalk.weights import FetchOptions
 
@@ -136,6 +143,7 @@ def engine_options(args: argparse.Namespace, environ: dict[str, str] | os._Envir
         fetch=fetch,
         fetch_at_start=args.fetch_weights or bool(environ.get("SPACE_ID")),
         ice_servers=ice,
+        page_key=check_page_key(args.page_key if args.page_key is not None else environ.get("MUSETALK_PAGE_KEY")),
         max_bots=args.max_bots,
         max_sessions=args.max_sessions,
         backend=args.backend,

@@ -10,7 +10,7 @@ musetalk_pipecat.log. Ctrl-C stops the bot cleanly.
     python start_pipecat_server.py --local --mode conversation [--bot-config configs/bot/conversation.yaml]
 
 Environment: MUSETALK_MODELS_DIR, MUSETALK_AVATARS_DIR, MUSETALK_DEVICE, DAILY_TOKEN, MUSETALK_ICE_SERVERS,
-and the key variables the bot config names (api_key_env).
+MUSETALK_PAGE_KEY, and the key variables the bot config names (api_key_env).
 """
 
 from __future__ import annotations
@@ -101,6 +101,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="local page behind NAT: STUN/TURN servers, e.g. 'stun:stun.example.com:3478 "
         "user:secret@turn:turn.example.com:3478' or a JSON list of RTCIceServer objects. Also read from MUSETALK_ICE_SERVERS.",
+    )
+    parser.add_argument(
+        "--page-key",
+        metavar="KEY",
+        default=None,
+        help="local page: the key viewers need (?key=KEY on the page address); also read from MUSETALK_PAGE_KEY. "
+        "Without one a page on a non-loopback --host gets a random key, printed with the viewer address",
     )
     parser.add_argument(
         "--max-sessions",
@@ -373,6 +380,7 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
             logger.info("The bot runs in its own worker process (Ray), pid {}", status.worker_pid)
         if status.url:
             logger.info("Local page: {}  (open it in a browser, allow the microphone; Ctrl-C stops)", status.url)
+            show_page_key(args, transport, status.url)
             if transport.host not in LOOPBACK_HOSTS:
                 logger.info(
                     "Note: browsers allow the microphone only on https or http://127.0.0.1 pages; from another "
@@ -415,6 +423,23 @@ def serve(args: argparse.Namespace, transport, entries, live, service_settings, 
         return 0
 
 
+def show_page_key(args: argparse.Namespace, transport, url: str) -> None:
+    """Tell the operator how viewers get in. A generated key is printed with the viewer URL on stderr only (print,
+    not the logger: the key never reaches the log file)."""
+    from loguru import logger
+
+    from musetalk.bot.transports import page_url
+
+    if not transport.page_key:
+        return
+    if getattr(args, "page_key_generated", False):
+        print(f"Viewer URL (it holds the page key, made for this run; share it only with viewers): "
+              f"{page_url(url, transport.page_key)}", file=sys.stderr, flush=True)  # fmt: skip
+        logger.info("The page needs a key: viewers open {}?key=... (the address printed above)", url)
+    else:
+        logger.info("The page needs its key: viewers open {}?key=<the page key>", url)
+
+
 def room_settings(args: argparse.Namespace):
     """The Daily room options of the command line."""
     from musetalk.bot.daily import DailyRoomSettings
@@ -450,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
         print("error: choose --room-url (a Daily room) or --local (a page on this machine), not both.", file=sys.stderr)
         return 2
 
-    from musetalk.bot.transports import TransportSettings, parse_ice_servers
+    from musetalk.bot.transports import TransportSettings, parse_ice_servers, with_page_key
     from musetalk.config import load_realtime_config
     from musetalk.errors import MuseTalkError
     from musetalk.live.service import ServiceSettings
@@ -462,7 +487,10 @@ def main(argv: list[str] | None = None) -> int:
             ice = parse_ice_servers(
                 args.ice_servers if args.ice_servers is not None else os.environ.get("MUSETALK_ICE_SERVERS")
             )
-            transport = TransportSettings(kind="local", host=args.host, port=args.port, ice_servers=ice)
+            key = args.page_key if args.page_key is not None else os.environ.get("MUSETALK_PAGE_KEY")
+            given = TransportSettings(kind="local", host=args.host, port=args.port, ice_servers=ice, page_key=key)
+            transport = with_page_key(given)  # beyond loopback, a page always has a key
+            args.page_key_generated = transport.page_key != given.page_key
         else:
             transport = TransportSettings(
                 kind="daily", room_url=args.room_url, token=token, bot_name=args.bot_name, daily=room_settings(args)

@@ -50,6 +50,7 @@ from viewers import (
     CROP,
     FACE_FRAMES_JS,
     LATENCY_BUDGET_S,
+    PAGE_KEY,
     bot_status_of,
     browser_skip_reason,
     face_box,
@@ -179,7 +180,7 @@ def bot_server(net: PrivateNetwork, env: dict, avatar: str, port: int, log_path:
     On leaving, the bot is stopped with SIGINT (killed if it does not end within 30 s)."""
     with open(log_path, "w") as server_log:
         server = net.popen(
-            [sys.executable, __file__, "serve", avatar, SERVER_ADDRESS, str(port), str(LATENCY_BUDGET_S)],
+            [sys.executable, __file__, "serve", avatar, SERVER_ADDRESS, str(port), str(LATENCY_BUDGET_S), PAGE_KEY],
             cwd=cwd, env=env, stdout=server_log, stderr=subprocess.STDOUT,
         )  # fmt: skip
         try:
@@ -209,7 +210,7 @@ def test_browser_sees_and_hears_the_avatar(server_env, prepared_avatar, speech, 
     mic_wav, cycle_s = fake_microphone(speech, tmp_path / "mic.wav")
     log_path = tmp_path / "server.log"
     port = 7861
-    url = f"http://{SERVER_ADDRESS}:{port}/"
+    url = f"http://{SERVER_ADDRESS}:{port}/?key={PAGE_KEY}"  # beyond loopback: the page's key
 
     with PrivateNetwork() as net, bot_server(net, server_env, prepared_avatar.name, port, log_path, tmp_path) as server:
         with Chromium(fake_audio=mic_wav, wrap=net.wrap, extra_flags=insecure_origin_flags(port)) as browser:
@@ -444,7 +445,7 @@ def test_two_viewers_each_get_their_own_avatar(server_env, two_small_avatars, tm
     quiet = media.silence_wav(tmp_path / "quiet.wav", seconds=2.0)
     log_path = tmp_path / "server.log"
     port = 7862
-    url = f"http://{SERVER_ADDRESS}:{port}/"
+    url = f"http://{SERVER_ADDRESS}:{port}/?key={PAGE_KEY}"  # beyond loopback: the page's key
     box1, box2 = face_box(avatar), face_box(other)
     # Both avatars sampled in each viewer's face box: a viewer's frames must be nearer its own.
     refs1 = {
@@ -463,7 +464,7 @@ def test_two_viewers_each_get_their_own_avatar(server_env, two_small_avatars, tm
             Chromium(fake_audio=quiet, wrap=net.wrap, extra_flags=flags) as browser2,
         ):
             page1, size1 = open_viewer(browser1, url, log_path)
-            page2, size2 = open_viewer(browser2, f"{url}?avatar={other.name}", log_path)
+            page2, size2 = open_viewer(browser2, f"{url}&avatar={other.name}", log_path)
             both, _ = wait_for_viewers(page1, 2, timeout=10)
             assert both.get("viewers") == 2, f"/api/status with two viewers: {both}"
             start_measuring(page1, avatar, box1, audio=False)
@@ -508,7 +509,7 @@ def test_two_viewers_each_get_their_own_avatar(server_env, two_small_avatars, tm
     assert not problems, "; ".join(problems)
 
 
-def serve(avatar: str, host: str, port: str, latency_budget_s: str) -> int:
+def serve(avatar: str, host: str, port: str, latency_budget_s: str, page_key: str) -> int:
     """The bot for this test, run inside the namespace: `python test_bot_browser.py serve ...`.
 
     Models and avatars come from MUSETALK_MODELS_DIR / MUSETALK_AVATARS_DIR (the tiny ones).
@@ -526,7 +527,7 @@ def serve(avatar: str, host: str, port: str, latency_budget_s: str) -> int:
     models = load_models(ModelPaths(models_dir_from_env()), runtime_from_env())
     runner = BotRunner(models)
     settings = LiveSettings(latency_budget_s=float(latency_budget_s))
-    transport = TransportSettings(kind="local", host=host, port=int(port))
+    transport = TransportSettings(kind="local", host=host, port=int(port), page_key=page_key)
     status = runner.start(avatar, transport, settings, avatar_store=AvatarStore(avatars_dir_from_env()))
     print("READY", status.url, flush=True)
     stop = threading.Event()
@@ -539,5 +540,5 @@ def serve(avatar: str, host: str, port: str, latency_budget_s: str) -> int:
     return 0 if final.state == "stopped" else 1
 
 
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "serve":
+if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "serve":
     sys.exit(serve(*sys.argv[2:]))

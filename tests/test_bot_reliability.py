@@ -21,11 +21,12 @@ import httpx
 import psutil
 import pytest
 from helpers import bot_threads, port_is_free, wait_no_new_threads, wait_until
-from viewers import candidate_free_offer
+from viewers import candidate_free_offer, media_less_page
 
 from musetalk.avatar.store import Avatar, AvatarStore
+from musetalk.bot.page import LocalWebRTCServer
 from musetalk.bot.runner import STOP_GRACE_S, BotRunner
-from musetalk.bot.transports import LocalWebRTCServer, TransportSettings
+from musetalk.bot.transports import TransportSettings
 
 CYCLES = 100
 WARM_UP = 10
@@ -62,7 +63,7 @@ def test_hundred_start_stop_cycles_hold_no_memory(models, prepared_avatar):
     offer = candidate_free_offer()
     before_threads = {t.ident for t in bot_threads()}
     fds_after_warm_up = rss_after_warm_up = None
-    steady = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+    steady = runner.start(prepared_avatar, media_less_page())  # its viewer never connects
     assert httpx.post(steady.url + "api/offer", json={"sdp": offer, "type": "offer"}, timeout=20).status_code == 200
     try:
         for cycle in range(CYCLES):

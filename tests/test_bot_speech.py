@@ -19,7 +19,7 @@ from helpers import wait_until
 from loguru import logger
 from openai_standin import OpenAIStandIn, unreachable_url
 from pipecat.frames.frames import InputAudioRawFrame
-from viewers import candidate_free_offer
+from viewers import candidate_free_offer, media_less_page
 
 from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup, load_bot_config
 from musetalk.bot.processor import LiveSettings
@@ -79,7 +79,7 @@ def hello_pcm(media_dir) -> np.ndarray:
 def start_say_bot(runner, avatar, **kwargs):
     setup = SpeechSetup(BotConfig(tts=ESPEAK), lambda name: None)
     live = LiveSettings(mode="say", latency_budget_s=1.0)
-    return runner.start(avatar, TransportSettings(kind="local", port=0), live, speech=setup, **kwargs)
+    return runner.start(avatar, media_less_page(), live, speech=setup, **kwargs)
 
 
 def test_say_interrupt_and_say_again(runner, prepared_avatar):
@@ -169,7 +169,7 @@ def test_a_conversation_remembers_and_is_interrupted_by_the_user(runner, prepare
         with OpenAIStandIn(transcribe=transcribe, reply=answer, require_key=SECRET) as api:
             setup = SpeechSetup(conversation_config(api), KEYS)
             live = LiveSettings(mode="conversation", latency_budget_s=1.0)
-            status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0), live, speech=setup)
+            status = runner.start(prepared_avatar, media_less_page(), live, speech=setup)
             bot = status.bot_id
             run, session = open_viewer(runner, bot)
             hello = hello_pcm
@@ -220,7 +220,7 @@ def test_a_failing_llm_leaves_the_avatar_idle_and_the_bot_running(runner, prepar
     with OpenAIStandIn(transcribe=lambda wav: "Hello?", fail_after=1) as api:
         config = conversation_config(api)
         setup = SpeechSetup(BotConfig(config.system_prompt, config.stt, ServiceConfig("llm", "openai", api.base_url, "m"), ESPEAK), KEYS)  # fmt: skip
-        status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0),
+        status = runner.start(prepared_avatar, media_less_page(),
                               LiveSettings(mode="conversation", latency_budget_s=1.0), speech=setup)  # fmt: skip
         run, session = open_viewer(runner, status.bot_id)
         speak_into(run, session, hello_pcm)

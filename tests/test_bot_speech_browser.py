@@ -52,6 +52,7 @@ from viewers import (
     CROP,
     FACE_FRAMES_JS,
     LATENCY_BUDGET_S,
+    PAGE_KEY,
     bot_status_of,
     browser_skip_reason,
     face_box,
@@ -159,7 +160,7 @@ def cli_bot(net: PrivateNetwork, env: dict, *, port: int, mode: str, bot_config:
     command = [
         sys.executable, str(REPO / "start_pipecat_server.py"), "--local", "--host", SERVER_ADDRESS,
         "--port", str(port), "--mode", mode, "--latency-budget", str(LATENCY_BUDGET_S), "--skip-checks",
-        "--bot-config", str(bot_config), "--config", str(config),
+        "--bot-config", str(bot_config), "--config", str(config), "--page-key", PAGE_KEY,
     ]  # fmt: skip
     with open(log_path, "w") as log:
         proc = net.popen(
@@ -546,7 +547,7 @@ def test_say_interrupt_and_say_again_at_the_browser(cli_env, prepared_avatar, tm
     bot_config.write_text("tts: {service: espeak, voice: en-us}\n")
     log_path = tmp_path / "cli.log"
     port = 7863
-    url = f"http://{SERVER_ADDRESS}:{port}/"
+    url = f"http://{SERVER_ADDRESS}:{port}/?key={PAGE_KEY}"  # beyond loopback: the page's key
     marks: dict[str, tuple[float, float]] = {}
 
     with (
@@ -709,7 +710,7 @@ def test_a_conversation_with_barge_in_at_the_browser(cli_env, prepared_avatar, t
     mic_wav, question_s, barge_in_s = conversation_microphone(tmp_path)
     log_path = tmp_path / "cli.log"
     port = 7864
-    url = f"http://{SERVER_ADDRESS}:{port}/"
+    url = f"http://{SERVER_ADDRESS}:{port}/?key={PAGE_KEY}"  # beyond loopback: the page's key
 
     with PrivateNetwork() as net, standin_process(net, tmp_path) as (api_port, standin_log):
         base_url = f"http://127.0.0.1:{api_port}/v1"

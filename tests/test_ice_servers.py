@@ -9,7 +9,8 @@ from __future__ import annotations
 import pytest
 from fastapi.testclient import TestClient
 
-from musetalk.bot.transports import IceServerSpec, LocalWebRTCServer, TransportSettings, parse_ice_servers
+from musetalk.bot.page import LocalWebRTCServer
+from musetalk.bot.transports import IceServerSpec, TransportSettings, parse_ice_servers
 from musetalk.errors import ConfigError
 
 

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
+import json
+import subprocess
+import sys
 
 import pytest
-from helpers import budget_for
+from helpers import REPO, budget_for
 
 from musetalk.bench.streams import HEADER, StreamsOptions, StreamsResult, find_max, format_row, main_streams
 from musetalk.testing import synthetic_avatar
@@ -46,3 +49,43 @@ def test_streams_report_rows_for_shared_and_per_session_services(models, frame_c
     assert any(line.startswith("offline render on the same models") for line in lines)
     assert any("gain of cross-session batching at N=2" in line for line in lines)
     assert format_row(rows[1]).count("|") == HEADER.count("|")
+
+
+def test_streams_json_prints_one_json_object():
+    """`--streams ... --json`: stdout is one JSON object (the table and progress go to stderr)."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "musetalk.bench", "--streams", "1", "--size", "tiny", "--seconds", "1",
+         "--no-baseline", "--threads", "1", "--json"],
+        cwd=REPO, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout)
+    assert out["config"]["size"] == "tiny" and out["config"]["backend"] == "inproc"
+    assert [(r["streams"], r["shared"]) for r in out["runs"]] == [(1, True)]
+    assert {"generated_fps", "late_pct", "p95_ms", "good"} <= set(out["runs"][0])
+    assert HEADER in proc.stderr  # the table still shows, on stderr
+
+
+def test_ray_backend_json_prints_one_json_object(monkeypatch, capsys):
+    """`--backend ray --json` (Ray itself stubbed: the point is what reaches stdout)."""
+    import torch
+
+    from musetalk import accel
+    from musetalk.bench import __main__ as bench_main
+    from musetalk.bench import streams
+
+    def fake_ray(spec, models, avatars, counts, opts, replicas, size, seed, log=print):
+        log(HEADER)  # what the real one prints goes through `log`
+        return [result(n, 25.0, 0.0) for n in counts]
+
+    monkeypatch.setattr(streams, "main_streams_ray_cli", fake_ray)
+    threads = torch.get_num_threads()
+    try:
+        assert bench_main.main(["--streams", "1,2", "--backend", "ray", "--size", "tiny", "--json"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+        accel.keep_freed_memory(False)
+    captured = capsys.readouterr()
+    out = json.loads(captured.out)
+    assert out["config"]["backend"] == "ray" and [r["streams"] for r in out["runs"]] == [1, 2]
+    assert HEADER in captured.err and HEADER not in captured.out

@@ -15,7 +15,7 @@ import time
 import numpy as np
 import pytest
 from helpers import START_SERVER, LineReader, PanelServer, panel_env, pid_alive, poll, wait_until, write_config
-from viewers import candidate_free_offer
+from viewers import candidate_free_offer, media_less_page
 
 from musetalk.config import RuntimeSettings
 from musetalk.errors import ConfigError, MuseTalkError
@@ -246,12 +246,11 @@ def test_a_local_bot_runs_its_viewers_on_the_ray_backend(ray_client, models, pre
     import httpx
 
     from musetalk.bot.runner import BotRunner
-    from musetalk.bot.transports import TransportSettings
 
     runner = BotRunner(models, service=ray_client)
     before = ray_client.stats().sessions
     try:
-        status = runner.start(prepared_avatar, TransportSettings(kind="local", port=0))
+        status = runner.start(prepared_avatar, media_less_page())
         answer = httpx.post(status.url + "api/offer", json={"sdp": candidate_free_offer(), "type": "offer"}, timeout=60)
         assert answer.status_code == 200, answer.text
         assert wait_until(lambda: ray_client.stats().sessions == before + 1, 60), ray_client.stats()
@@ -275,10 +274,7 @@ def test_bots_run_as_worker_processes_and_a_killed_one_leaves_the_others(ray_cli
     runner = WorkerBotRunner(ray_client, max_bots=2, bot_cpus=0.5)
     before = ray_client.stats().sessions
     try:
-        bots = [
-            runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0), avatar_store=avatar_store)
-            for _ in range(2)
-        ]
+        bots = [runner.start(prepared_avatar.name, media_less_page(), avatar_store=avatar_store) for _ in range(2)]
         pids = {b.worker_pid for b in bots}
         assert None not in pids and len(pids | {os.getpid()}) == 3, bots  # two processes, neither this one
         with pytest.raises(Exception, match="2 bots are running"):
@@ -450,7 +446,6 @@ def test_a_say_bot_in_a_worker_process_speaks_and_stops(ray_client, avatar_store
 
     from musetalk.bot.agent_config import BotConfig, ServiceConfig, SpeechSetup
     from musetalk.bot.processor import LiveSettings
-    from musetalk.bot.transports import TransportSettings
     from musetalk.bot.workers import WorkerBotRunner
 
     secret = "sk-worker-secret-42"
@@ -458,7 +453,7 @@ def test_a_say_bot_in_a_worker_process_speaks_and_stops(ray_client, avatar_store
     setup = SpeechSetup(BotConfig(tts=tts), {"MUSETALK_TEST_TTS_KEY": secret, "OTHER": "not-sent"}.get)
     runner = WorkerBotRunner(ray_client, max_bots=1, bot_cpus=0.5)
     try:
-        status = runner.start(prepared_avatar.name, TransportSettings(kind="local", port=0),
+        status = runner.start(prepared_avatar.name, media_less_page(),
                               LiveSettings(mode="say", latency_budget_s=2.0), avatar_store=avatar_store, speech=setup)  # fmt: skip
         assert status.mode == "say" and status.worker_pid not in (None, os.getpid())
         with pytest.raises(MuseTalkError, match="Nobody is watching"):

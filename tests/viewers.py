@@ -21,12 +21,27 @@ CROP = 64  # the face crop is sampled at CROP x CROP grey pixels
 # With the product's default 0.2 s budget every speech frame is then late and shown idle, by
 # design; a 2 s budget lets the slow device finish some of them, so the lip-sync is visible.
 LATENCY_BUDGET_S = 2.0
+# The bots of the browser tests serve 10.200.0.1, beyond loopback, where a page always has a viewer key.
+PAGE_KEY = "browser-tests-page-key"
+
+
+# A candidate-free viewer never connects, so the page gives its session back after the bot's connect timeout
+# (TransportSettings.connect_timeout_s, 10 s): tests that need one for longer start their bot with this one.
+MEDIA_LESS_CONNECT_TIMEOUT_S = 600.0
+
+
+def media_less_page():
+    """A bot's local page (any free port) whose candidate-free viewers keep their sessions for 10 minutes."""
+    from musetalk.bot.transports import TransportSettings
+
+    return TransportSettings(kind="local", port=0, connect_timeout_s=MEDIA_LESS_CONNECT_TIMEOUT_S)
 
 
 def candidate_free_offer() -> str:
     """A real WebRTC offer (aiortc; audio sendrecv, then video recvonly) with its ICE candidates
     removed: the bot answers and starts a viewer pipeline, but no packet ever leaves this
-    process (no remote candidates, no STUN servers). Media flow is test_bot_browser.py's job."""
+    process (no remote candidates, no STUN servers). Media flow is test_bot_browser.py's job.
+    Such a viewer never connects: its pipeline lives for the bot's connect timeout (see above)."""
     from aiortc import RTCPeerConnection
 
     async def make() -> str:
@@ -93,8 +108,11 @@ def open_viewer(browser: Chromium, url: str, log_path) -> tuple[Page, tuple[int,
 
 
 def bot_status_of(page: Page) -> dict:
-    """The bot's /api/status, fetched by the page."""
-    return page.evaluate("fetch('/api/status', {cache: 'no-store'}).then((r) => r.json())")
+    """The bot's /api/status, fetched by the page (with the page's `?key=`, as its own client sends it)."""
+    return page.evaluate(
+        "fetch('/api/status', {cache: 'no-store', headers: {Authorization: "
+        "`Bearer ${new URLSearchParams(location.search).get('key') || ''}`}}).then((r) => r.json())"
+    )
 
 
 # --------------------------------------------------------------------------- the face the browser shows

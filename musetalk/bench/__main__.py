@@ -1,5 +1,8 @@
 """Generation benchmark: `python -m musetalk.bench [--device D] [--batch N] [--frames N] [--json] [--approx] [--tiny]`.
 
+`report [--size full|tiny] [--device D] [--out DIR] [--budget-s S] [--json]` writes the whole device
+report instead (`musetalk.bench.device_report`): every figure of a GPU in one budgeted run.
+
 `--streams N[,M...] [--find-max]` runs the live benchmark instead: N sessions paced in real time
 against the shared generation service, next to one service per session (`musetalk.bench.streams`);
 `--backend ray[://ADDRESS]` also runs them on the Ray Serve deployment.
@@ -20,14 +23,23 @@ import torch
 
 from musetalk import accel
 from musetalk.bench.official import OFFICIAL_BATCH
-from musetalk.bench.report import format_report
+from musetalk.bench.report import format_report, json_safe
 from musetalk.bench.speed import BenchOptions, resolve_device, run
 from musetalk.bench.timing import device_name
-from musetalk.testing import build_random_models, synthetic_avatar
+from musetalk.testing import build_random_models
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m musetalk.bench", description=__doc__.split("\n\n")[0])
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["report"]:
+        from musetalk.bench.device_report import main as report_main
+
+        return report_main(argv[1:])
+    p = argparse.ArgumentParser(
+        prog="python -m musetalk.bench",
+        description=__doc__.split("\n\n")[0],
+        epilog="python -m musetalk.bench report --help: the whole device report in one budgeted run.",
+    )
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N")
     p.add_argument(
         "--batch", type=int, default=OFFICIAL_BATCH, help="our generator's batch size (the official loop uses 8)"
@@ -62,9 +74,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     streams = args.pop("streams")
     live_args = {k: args.pop(k) for k in ("find_max", "size", "seconds", "latency_budget", "service_batch", "whisper_window", "baseline",
                                     "backend", "replicas")}  # fmt: skip
-    if streams is not None or live_args["find_max"]:
-        return _main_streams(streams or "64", live_args, args)
     as_json = args.pop("json")
+    if streams is not None or live_args["find_max"]:
+        return _main_streams(streams or "64", live_args, args, as_json)
     if args["frames"] < 1 or args["batch"] < 1:
         p.error("--frames and --batch must be >= 1")
     opts = BenchOptions(**args)
@@ -74,9 +86,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _main_streams(streams: str, live: dict[str, Any], args: dict[str, Any]) -> int:
-    """`--streams`: paced live sessions against the generation service (see musetalk.bench.streams)."""
-    from musetalk.bench.streams import StreamsOptions, main_streams
+def _main_streams(streams: str, live: dict[str, Any], args: dict[str, Any], as_json: bool = False) -> int:
+    """`--streams`: paced live sessions against the generation service (see musetalk.bench.streams).
+
+    With `--json` the table and progress go to stderr and stdout is one JSON object."""
+    from musetalk.bench.streams import StreamsOptions, bench_avatars, main_streams, result_dict
 
     device = resolve_device(args["device"])
     if args["threads"] or device.type == "cpu":  # render and live at the thread count the service uses
@@ -92,19 +106,25 @@ def _main_streams(streams: str, live: dict[str, Any], args: dict[str, Any]) -> i
         seconds=live["seconds"], latency_budget_s=live["latency_budget"], batch_size=live["service_batch"],
         whisper_window_s=live["whisper_window"],
     )  # fmt: skip
-    avatars = []
-    for k in range(opts.avatars):
-        avatar = synthetic_avatar(frames=10, size=opts.frame_size, face_box=(150, 140, 362, 400), seed=args["seed"] + k)
-        avatars.append(dataclasses.replace(avatar, manifest=dataclasses.replace(avatar.manifest, name=f"bench{k}")))
-    print(f"{size} random models on {device_name(device)} ({models.describe()}), {torch.get_num_threads()} torch threads, "
-          f"{opts.seconds:.0f} s of speech per session, latency budget {opts.latency_budget_s} s", flush=True)  # fmt: skip
+    avatars = bench_avatars(opts, args["seed"])
+    log = (lambda s: print(s, file=sys.stderr, flush=True)) if as_json else (lambda s: print(s, flush=True))
+    log(f"{size} random models on {device_name(device)} ({models.describe()}), {torch.get_num_threads()} torch threads, "
+        f"{opts.seconds:.0f} s of speech per session, latency budget {opts.latency_budget_s} s")  # fmt: skip
     if live["backend"] != "inproc":
         from musetalk.bench.streams import main_streams_ray_cli
 
-        return main_streams_ray_cli(
-            live["backend"], models, avatars, counts, opts, live["replicas"], size, args["seed"]
+        rows = main_streams_ray_cli(
+            live["backend"], models, avatars, counts, opts, live["replicas"], size, args["seed"], log=log
         )
-    main_streams(models, avatars, counts, opts, find=live["find_max"], baseline=live["baseline"])
+    else:
+        rows = main_streams(models, avatars, counts, opts, find=live["find_max"], baseline=live["baseline"], log=log)
+    if as_json:
+        config = {"device": str(device), "device_name": device_name(device), "size": size, "dtype": str(models.dtype)[6:],
+                  "threads": torch.get_num_threads(), "backend": live["backend"], **dataclasses.asdict(opts)}  # fmt: skip
+        out: dict[str, Any] = {"config": config, "runs": [result_dict(r) for r in rows]}
+        if live["find_max"] and live["backend"] == "inproc":
+            out["largest_n"] = max((r.streams for r in rows if r.shared and r.good), default=0)
+        print(json.dumps(json_safe(out), indent=2, allow_nan=False))
     return 0
 
 

@@ -1,8 +1,23 @@
-"""The generation benchmark's text report (the `--json` object, formatted for people)."""
+"""The generation benchmark's text report (the `--json` object, formatted for people), and JSON-safe values."""
 
 from __future__ import annotations
 
+import math
+from pathlib import Path
 from typing import Any
+
+
+def json_safe(value: Any) -> Any:
+    """For strict JSON (`allow_nan=False`): non-finite floats become null, paths and tuples plain."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_safe(v) for v in value]
+    if isinstance(value, Path):
+        return str(value)
+    return value
 
 
 def format_report(rep: dict[str, Any]) -> str:

@@ -77,6 +77,22 @@ class StreamsResult:
         return self.min_session_fps >= GOOD_FPS and self.late_pct < GOOD_LATE_PCT
 
 
+def bench_avatars(opts: StreamsOptions, seed: int = 0) -> list[Avatar]:
+    """`opts.avatars` distinct synthetic avatars of `opts.frame_size`, given to sessions in turn."""
+    from musetalk.testing import synthetic_avatar
+
+    avatars = []
+    for k in range(opts.avatars):
+        avatar = synthetic_avatar(frames=10, size=opts.frame_size, face_box=(150, 140, 362, 400), seed=seed + k)
+        avatars.append(dataclasses.replace(avatar, manifest=dataclasses.replace(avatar.manifest, name=f"bench{k}")))
+    return avatars
+
+
+def result_dict(r: StreamsResult) -> dict:
+    """A row as plain values (for `--json` and the report), with whether it counts as served."""
+    return {**dataclasses.asdict(r), "good": r.good}
+
+
 def speech_like(seconds: float, seed: int) -> np.ndarray:
     """Noise shaped into ~4 syllables a second: float32 16 kHz, no silence gaps longer than 100 ms."""
     rng = np.random.default_rng(seed)
@@ -373,9 +389,9 @@ def main_streams_ray(
 
 def main_streams_ray_cli(
     spec: str, models: Models, avatars: list[Avatar], streams: list[int], opts: StreamsOptions, replicas: int,
-    size: str, seed: int,
-) -> int:  # fmt: skip
-    """`musetalk.bench --backend ray[://ADDRESS]`: checks the spec and that Ray is installed first."""
+    size: str, seed: int, log: Callable[[str], None] = print,
+) -> list[StreamsResult]:  # fmt: skip
+    """`musetalk.bench --backend ray[://ADDRESS]`: checks the spec and that Ray is installed first; returns the rows."""
     from musetalk.errors import MuseTalkError
     from musetalk.serve.backend import INSTALL_HINT, BackendSpec, ray_available
 
@@ -390,9 +406,8 @@ def main_streams_ray_cli(
     if replicas < 1:
         raise SystemExit("--replicas must be at least 1")
     try:
-        main_streams_ray(
-            models, avatars, streams, opts, address=parsed.address, replicas=replicas, size=size, seed=seed
+        return main_streams_ray(
+            models, avatars, streams, opts, address=parsed.address, replicas=replicas, size=size, seed=seed, log=log
         )
     except MuseTalkError as exc:
         raise SystemExit(str(exc)) from exc
-    return 0

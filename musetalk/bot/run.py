@@ -34,10 +34,11 @@ from loguru import logger
 from musetalk.avatar.store import Avatar, AvatarStore, validate_name
 from musetalk.bot.daily import daily_error_message
 from musetalk.bot.meter import ViewerMeter
+from musetalk.bot.page import LocalWebRTCServer
 from musetalk.bot.room import DailyRoom
 from musetalk.bot.status import STATES, BotStatus, combine_stats
 from musetalk.bot.transcript import Transcript, TranscriptObserver
-from musetalk.bot.transports import LocalWebRTCServer, TransportSettings, make_daily_transport, make_local_transport
+from musetalk.bot.transports import TransportSettings, make_daily_transport, make_local_transport
 from musetalk.config import AUDIO_SAMPLE_RATE
 from musetalk.errors import CapacityError, ConfigError, MuseTalkError
 
@@ -586,8 +587,11 @@ class BotRun:
         for name in [n for n in self._viewer_avatars if n not in shown and n not in self._admitting]:
             del self._viewer_avatars[name]
 
-    async def _admit_viewer(self, request_data: Any) -> None:
-        """Before the offer is answered: refuse a viewer past capacity or asking for an unknown avatar."""
+    async def _admit_viewer(self, request_data: Any) -> Callable[[str | None, str], Awaitable[None]]:
+        """Before the offer is answered: refuse a viewer past capacity or asking for an unknown avatar.
+
+        Returns `release(pc_id, reason)`, which the page server awaits when the offer fails or its viewer
+        does not connect in time: the session (if one started) ends, the avatar is no longer "loading"."""
         if self.stop_requested:
             raise MuseTalkError("The bot is stopping.")
         self._check_capacity()
@@ -598,7 +602,17 @@ class BotRun:
                 await self._viewer_avatar(request_data)
             except BaseException:
                 self._admitting.discard(str(name))
+                self._release_viewer_avatars()
                 raise
+
+        async def release(pc_id: str | None, reason: str) -> None:
+            if name:
+                self._admitting.discard(str(name))
+            if pc_id is not None:
+                await self._end_session(pc_id, reason)
+            self._release_viewer_avatars()
+
+        return release
 
     def _check_capacity(self) -> None:
         """Refuse a viewer the shared service cannot serve in real time, before answering its offer."""
@@ -619,27 +633,34 @@ class BotRun:
         """A browser connected to the local page: it gets a pipeline and a session of its own."""
         from musetalk.bot.pipeline import transport_params
 
-        if self.stop_requested:
-            raise MuseTalkError("The bot is stopping.")
-        self._check_capacity()
-        avatar = await self._viewer_avatar(request_data)
-        processor = await self._new_processor(avatar)
-        self._admitting.discard(avatar.name)
-        transport = make_local_transport(connection, transport_params(processor))
-        key = str(connection.pc_id)
+        name = request_data.get("avatar") if isinstance(request_data, dict) else None
+        session = None
+        try:
+            if self.stop_requested:
+                raise MuseTalkError("The bot is stopping.")
+            self._check_capacity()
+            avatar = await self._viewer_avatar(request_data)
+            processor = await self._new_processor(avatar)
+            transport = make_local_transport(connection, transport_params(processor))
+            key = str(connection.pc_id)
 
-        @transport.event_handler("on_client_connected")
-        async def on_connected(_transport, _client: Any) -> None:
-            logger.info("Local page: viewer {} connected ({} now)", key, len(self.sessions))
+            @transport.event_handler("on_client_connected")
+            async def on_connected(_transport, _client: Any) -> None:
+                logger.info("Local page: viewer {} connected ({} now)", key, len(self.sessions))
 
-        @transport.event_handler("on_client_disconnected")
-        async def on_disconnected(_transport, _client: Any) -> None:
-            logger.info("Local page: viewer {} left", key)
-            # End it from a task of our own: this handler runs inside the transport.
-            asyncio.get_running_loop().create_task(self._end_session(key, "the viewer left"))
+            @transport.event_handler("on_client_disconnected")
+            async def on_disconnected(_transport, _client: Any) -> None:
+                logger.info("Local page: viewer {} left", key)
+                # End it from a task of our own: this handler runs inside the transport.
+                asyncio.get_running_loop().create_task(self._end_session(key, "the viewer left"))
 
-        session = await self._start_session(key, processor, transport, connection=connection)
-        session.avatar_name = avatar.name
+            session = await self._start_session(key, processor, transport, connection=connection)
+            session.avatar_name = avatar.name
+        finally:  # shown by its session now, or failed: either way no longer loading
+            if name:
+                self._admitting.discard(str(name))
+            if session is None:
+                self._release_viewer_avatars()
 
 
 async def _queue_say(session: _Session, text: str) -> None:

@@ -23,7 +23,7 @@ from musetalk.bot.daily import daily_error_message
 from musetalk.bot.manager import STOP_GRACE_S, BotManagerBase, check_speech
 from musetalk.bot.run import BotRun, readable
 from musetalk.bot.status import STATES, BotStatus
-from musetalk.bot.transports import TransportSettings
+from musetalk.bot.transports import TransportSettings, with_page_key
 from musetalk.config import avatars_dir_from_env
 from musetalk.errors import ConfigError, MuseTalkError
 
@@ -93,11 +93,14 @@ class BotRunner(BotManagerBase[BotRun]):
         speech: SpeechSetup | None = None,
     ) -> BotStatus:
         """Start a bot. Say and conversation modes need `speech` (the bot config and where its keys come
-        from); their services are asked once first, so a wrong address fails the start with a sentence."""
+        from); their services are asked once first, so a wrong address fails the start with a sentence.
+        A local page bound beyond loopback always has a viewer key: pass settings from `with_page_key`
+        to know it (without one, a key nobody knows is made here, and the page lets nobody in)."""
         from musetalk.bot.processor import LiveSettings
 
         if not isinstance(transport_settings, TransportSettings):
             raise ConfigError("transport_settings must be a TransportSettings.")
+        transport_settings = with_page_key(transport_settings)
         live_settings = live_settings if live_settings is not None else LiveSettings()
         check_speech(live_settings, speech)
         if not isinstance(avatar, (str, Avatar)):

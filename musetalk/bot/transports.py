@@ -2,33 +2,29 @@
 
 * `TransportSettings` says which (and never shows the Daily token: not in repr, status or errors).
 * `validate_room_url` refuses a malformed Daily URL before anything starts.
-* `make_daily_transport` builds Pipecat's `DailyTransport`.
-* `LocalWebRTCServer` is the no-account option: a FastAPI app on `host:port` serving a page
-  (`/`, `/client`) that sends the microphone and shows the avatar, plus Pipecat's SmallWebRTC
-  signalling (`POST /api/offer` with the SDP offer, `PATCH /api/offer` with ICE candidates),
-  so Pipecat's own prebuilt client can connect too. It runs with uvicorn inside the caller's
-  event loop (the bot thread); each new connection is handed to `on_connection`.
+* `make_daily_transport` builds Pipecat's `DailyTransport`; `make_local_transport` the
+  `SmallWebRTCTransport` of one viewer of the local page (served by musetalk/bot/page.py).
+* A local page bound beyond loopback has a viewer key (`with_page_key`, `page_url`): a secret,
+  like the Daily token.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
+import dataclasses
 import functools
+import ipaddress
 import json
 import re
-import socket
-from collections.abc import Awaitable, Callable
+import secrets
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
-from urllib.parse import urlsplit
+from urllib.parse import quote, urlsplit
 
-from fastapi import Request  # module level: FastAPI resolves the handlers' annotations here
 from loguru import logger
 
 from musetalk.bot.daily import DailyRoomSettings
-from musetalk.errors import ConfigError, MuseTalkError
+from musetalk.errors import ConfigError
 
 if TYPE_CHECKING:
     from pipecat.transports.base_transport import TransportParams
@@ -36,12 +32,13 @@ if TYPE_CHECKING:
     from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
     from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
-STATIC_DIR = Path(__file__).parent / "static"
 TRANSPORT_KINDS = ("local", "daily")
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 7861
 DAILY_URL_EXAMPLE = "https://your-domain.daily.co/room-name"
 DAILY_LEAVE_TIMEOUT_S = 10.0
+PENDING_TIMEOUT_S = 10.0  # an answered offer whose viewer has not connected by then gives its session back
+PAGE_KEY_LENGTHS = (8, 200)
 
 _HOST_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 _ROOM_SEGMENT = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -125,6 +122,8 @@ class TransportSettings:
     port: int = DEFAULT_PORT
     ice_servers: tuple[IceServerSpec, ...] = field(default=(), repr=False)  # local page: STUN/TURN behind NAT
     daily: DailyRoomSettings = field(default_factory=DailyRoomSettings)  # whom to follow, audio, leaving, video
+    page_key: str | None = field(default=None, repr=False)  # local page: the viewers' key (a secret, see with_page_key)
+    connect_timeout_s: float = PENDING_TIMEOUT_S  # local page: an answered viewer not connected by then is dropped
 
     def __post_init__(self) -> None:
         if self.kind not in TRANSPORT_KINDS:
@@ -144,6 +143,51 @@ class TransportSettings:
         object.__setattr__(self, "bot_name", self.bot_name.strip())
         if not isinstance(self.daily, DailyRoomSettings):
             raise ConfigError("TransportSettings.daily must be a DailyRoomSettings.")
+        object.__setattr__(self, "page_key", check_page_key(self.page_key))
+        if not isinstance(self.connect_timeout_s, (int, float)) or not 0 < self.connect_timeout_s <= 3600:
+            raise ConfigError(f"connect_timeout_s {self.connect_timeout_s!r} is out of range: use 0-3600 seconds.")
+
+
+def check_page_key(key: object) -> str | None:
+    """The viewers' key as given (empty: none); the message never repeats it."""
+    if key is None or key == "":
+        return None
+    low, high = PAGE_KEY_LENGTHS
+    if not isinstance(key, str) or not low <= len(key) <= high or not all("!" <= c <= "~" for c in key):
+        raise ConfigError(
+            f"The page key must be {low}-{high} characters: letters, digits or punctuation, no spaces "
+            "(leave it out on a non-loopback address and one is made for you)."
+        )
+    return key
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` is reachable from this machine only: 127.0.0.0/8, ::1 or localhost."""
+    host = host.strip().strip("[]")
+    if host.lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def with_page_key(settings: TransportSettings) -> TransportSettings:
+    """`settings` with a viewer key wherever the page is reachable from other machines.
+
+    A local page bound beyond loopback (0.0.0.0, a LAN address, a host name) without a key gets a
+    new random one (`secrets.token_urlsafe(16)`); a key given stays, loopback without a key stays
+    open, a Daily room is untouched. Call it where the settings are built, so that the caller can
+    hand the key (`page_url(url, settings.page_key)`) to its viewers; `BotRunner.start` calls it too.
+    """
+    if settings.kind != "local" or settings.page_key or is_loopback(settings.host):
+        return settings
+    return dataclasses.replace(settings, page_key=secrets.token_urlsafe(16))
+
+
+def page_url(url: str, key: str | None) -> str:
+    """The page URL a viewer opens: with `?key=KEY` when the page has a key (a secret: never log it)."""
+    return f"{url}?key={quote(key, safe='')}" if key else url
 
 
 def validate_room_url(url: str | None) -> str:
@@ -267,287 +311,3 @@ def make_local_transport(connection: SmallWebRTCConnection, params: TransportPar
     from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
     return SmallWebRTCTransport(webrtc_connection=connection, params=params)
-
-
-def _bind(host: str, port: int) -> socket.socket:
-    """A listening TCP socket, or a `MuseTalkError` saying why it cannot be had."""
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as exc:
-        raise ConfigError(f"Cannot serve the local page on {host}: unknown address ({exc.strerror}).") from exc
-    family, _, _, _, address = infos[0]
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(address)
-        sock.listen(64)
-        sock.setblocking(False)
-    except OSError as exc:
-        sock.close()
-        if exc.errno == errno.EADDRINUSE:
-            raise MuseTalkError(
-                f"Port {port} on {host} is already in use (another bot or program?): stop it or pick another port."
-            ) from exc
-        raise MuseTalkError(f"Cannot serve the local page on {host}:{port}: {exc.strerror or exc}.") from exc
-    return sock
-
-
-def _url_host(host: str) -> str:
-    if host in ("0.0.0.0", ""):
-        return "127.0.0.1"
-    if host == "::":
-        return "[::1]"
-    return f"[{host}]" if ":" in host else host
-
-
-class LocalWebRTCServer:
-    """The local page and SmallWebRTC signalling, served by uvicorn in the current event loop.
-
-    Usage (inside a coroutine): `await server.start()` binds the port (raising a readable
-    `MuseTalkError` if it is taken), `server.url` is the page, `await server.stop()` closes
-    every peer connection and frees the port. `on_connection(connection, request_data=...)` is awaited for each
-    new browser connection, before the SDP answer goes back; it starts that viewer's pipeline.
-    `status()` feeds `GET /api/status` (shown on the page) and must hold no secrets.
-    """
-
-    def __init__(
-        self,
-        settings: TransportSettings,
-        on_connection: Callable[..., Awaitable[None]],
-        *,
-        status: Callable[[], dict[str, Any]] | None = None,
-        admit: Callable[[Any], Awaitable[None]] | None = None,
-    ):
-        if settings.kind != "local":
-            raise ConfigError("LocalWebRTCServer needs TransportSettings(kind='local').")
-        self.settings = settings
-        self._on_connection = on_connection
-        self._status = status or (lambda: {})
-        # Checked before an offer is answered: Pipecat's handler logs and swallows errors raised in
-        # `on_connection`, so a refusal (capacity, unknown avatar) must happen here to reach the viewer.
-        self._admit = admit
-        self._socket: socket.socket | None = None
-        self._server: Any = None  # uvicorn.Server
-        self._serve_task: asyncio.Task | None = None
-        self._handler: Any = None  # SmallWebRTCRequestHandler
-        self.port: int | None = None
-        self.app = self._build_app()
-
-    @property
-    def url(self) -> str:
-        port = self.port if self.port is not None else self.settings.port
-        return f"http://{_url_host(self.settings.host)}:{port}/"
-
-    # ------------------------------------------------------------------ app
-    def _build_app(self):
-        """The page app. Its endpoints are module-level functions that find this server through
-        `app.state.page`: FastAPI caches facts about every endpoint callable in a module-level LRU,
-        so per-instance closures would keep each server (and through `on_connection` its bot and
-        avatar) alive for the life of the process."""
-        from pipecat.transports.smallwebrtc.connection import IceServer
-        from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequestHandler
-
-        ice = [
-            IceServer(urls=list(i.urls), username=i.username, credential=i.credential)
-            for i in self.settings.ice_servers
-        ]
-        self._handler = SmallWebRTCRequestHandler(ice_servers=ice or None)
-        app = _page_app()
-        app.state.page = self
-        return app
-
-    # ------------------------------------------------------------------ lifecycle
-    async def start(self) -> None:
-        """Bind the port and start serving in the running event loop."""
-        import uvicorn
-
-        self._socket = _bind(self.settings.host, self.settings.port)
-        self.port = self._socket.getsockname()[1]
-        config = uvicorn.Config(
-            self.app,
-            log_level="warning",
-            lifespan="off",
-            access_log=False,
-            timeout_graceful_shutdown=2,
-            ws="none",
-        )
-        self._server = uvicorn.Server(config)
-        self._serve_task = asyncio.create_task(self._server.serve(sockets=[self._socket]), name="musetalk-local-page")
-        for _ in range(200):  # uvicorn sets `started` once the socket accepts connections
-            if self._server.started or self._serve_task.done():
-                break
-            await asyncio.sleep(0.01)
-        if self._serve_task.done():
-            exc = self._serve_task.exception()
-            self._socket.close()
-            raise MuseTalkError(f"The local page server failed to start: {exc}")
-        logger.info("Local page: open {} in a browser (every viewer gets its own session)", self.url)
-
-    async def disconnect_all(self) -> None:
-        """Close every browser peer connection."""
-        if self._handler is not None:
-            await self._handler.close()
-
-    async def stop(self) -> None:
-        """Close the peer connections, stop uvicorn and free the port (idempotent)."""
-        try:
-            await asyncio.wait_for(self.disconnect_all(), timeout=5)
-        except Exception as exc:  # closing must go on whatever one connection does
-            logger.warning("Local page: closing peer connections: {}", exc)
-        if self._server is not None:
-            self._server.should_exit = True
-        if self._serve_task is not None:
-            try:
-                await asyncio.wait_for(asyncio.shield(self._serve_task), timeout=5)
-            except asyncio.TimeoutError:
-                self._server.force_exit = True
-                self._serve_task.cancel()
-                await asyncio.gather(self._serve_task, return_exceptions=True)
-            except BaseException as exc:  # uvicorn exits with SystemExit on a failed startup
-                if isinstance(exc, asyncio.CancelledError):
-                    raise
-                logger.debug("Local page server ended with {!r}", exc)
-            self._serve_task = None
-        if self._socket is not None:
-            self._socket.close()
-            self._socket = None
-        self.app.state.page = None  # a request still in flight finds "stopping", not this server
-
-
-# ---------------------------------------------------------------------- the local page's endpoints
-# Module-level on purpose (see LocalWebRTCServer._build_app): nothing here closes over a server.
-
-
-def _page_of(request: Request) -> LocalWebRTCServer:
-    from fastapi import HTTPException
-
-    page = getattr(request.app.state, "page", None)
-    if page is None:
-        raise HTTPException(status_code=503, detail="The bot is stopping.")
-    return page
-
-
-def _page_file(name: str, media_type: str):
-    from fastapi.responses import FileResponse
-
-    return FileResponse(STATIC_DIR / name, media_type=media_type, headers={"Cache-Control": "no-store"})
-
-
-async def _index(request: Request):
-    return _page_file("index.html", "text/html")
-
-
-async def _client_slash(request: Request):
-    from fastapi.responses import RedirectResponse
-
-    return RedirectResponse(url="/client")
-
-
-async def _client_js(request: Request):
-    return _page_file("client.js", "text/javascript")
-
-
-async def _ice_servers(request: Request):
-    """The page's RTCPeerConnection uses the same STUN/TURN servers as the bot."""
-    from fastapi.responses import JSONResponse
-
-    servers = [i.to_browser() for i in _page_of(request).settings.ice_servers]
-    return JSONResponse({"iceServers": servers}, headers={"Cache-Control": "no-store"})
-
-
-async def _status(request: Request):
-    from fastapi.responses import JSONResponse
-
-    return JSONResponse(_page_of(request)._status(), headers={"Cache-Control": "no-store"})
-
-
-async def _json_body(request: Request) -> dict[str, Any]:
-    from fastapi import HTTPException
-
-    try:
-        data = await request.json()
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise HTTPException(status_code=400, detail="The request body is not JSON.") from exc
-    if not isinstance(data, dict):
-        raise HTTPException(status_code=400, detail="The request body must be a JSON object.")
-    return data
-
-
-async def _offer(request: Request):
-    from fastapi import HTTPException
-    from pipecat.transports.smallwebrtc.request_handler import SmallWebRTCRequest
-
-    page = _page_of(request)
-    data = await _json_body(request)
-    if not isinstance(data.get("sdp"), str) or data.get("type") != "offer":
-        raise HTTPException(status_code=400, detail="Expected {'sdp': <offer SDP>, 'type': 'offer'}.")
-    keys = ("sdp", "type", "pc_id", "restart_pc", "request_data", "requestData")
-    try:
-        webrtc_request = SmallWebRTCRequest.from_dict({k: data[k] for k in keys if k in data})
-    except Exception as exc:
-        raise HTTPException(status_code=400, detail=f"Could not read this WebRTC offer: {exc}") from exc
-    if page._admit is not None and not webrtc_request.pc_id:  # a new viewer (not a renegotiation)
-        try:
-            await page._admit(webrtc_request.request_data)
-        except MuseTalkError as exc:
-            logger.info("Local page: refused a viewer: {}", exc)
-            raise HTTPException(status_code=503, detail=str(exc)) from exc
-    try:
-        return await page._handler.handle_web_request(
-            request=webrtc_request,
-            # The page's `?avatar=NAME` travels in request_data; each viewer may pick its own avatar.
-            webrtc_connection_callback=functools.partial(page._on_connection, request_data=webrtc_request.request_data),
-        )
-    except HTTPException:
-        raise
-    except Exception as exc:  # an SDP aiortc cannot use: tell the client, keep serving
-        logger.warning("Local page: refused a WebRTC offer: {}", exc)
-        raise HTTPException(status_code=400, detail=f"Could not accept this WebRTC offer: {exc}") from exc
-
-
-async def _ice_candidates(request: Request):
-    from fastapi import HTTPException
-    from pipecat.transports.smallwebrtc.request_handler import IceCandidate, SmallWebRTCPatchRequest
-
-    page = _page_of(request)
-    data = await _json_body(request)
-    try:
-        patch = SmallWebRTCPatchRequest(
-            pc_id=str(data["pc_id"]),
-            candidates=[
-                IceCandidate(
-                    candidate=c.get("candidate") or "",
-                    sdp_mid=c.get("sdp_mid", c.get("sdpMid")),
-                    sdp_mline_index=c.get("sdp_mline_index", c.get("sdpMLineIndex")),
-                )
-                for c in data.get("candidates", [])
-            ],
-        )
-    except (KeyError, TypeError, AttributeError) as exc:
-        raise HTTPException(
-            status_code=400,
-            detail="Expected {'pc_id': ..., 'candidates': [{candidate, sdp_mid, sdp_mline_index}]}.",
-        ) from exc
-    try:
-        await page._handler.handle_patch_request(patch)
-    except HTTPException:
-        raise
-    except Exception as exc:
-        raise HTTPException(status_code=400, detail=f"Bad ICE candidate: {exc}") from exc
-    return {"status": "success"}
-
-
-def _page_app():
-    """A new FastAPI app for one page server, wired to the module-level endpoints."""
-    from fastapi import FastAPI
-
-    app = FastAPI(title="MuseTalk live avatar", docs_url=None, redoc_url=None, openapi_url=None)
-    app.add_api_route("/", _index, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/client", _index, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/client/", _client_slash, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/client.js", _client_js, methods=["GET"], include_in_schema=False)
-    app.add_api_route("/api/ice-servers", _ice_servers, methods=["GET"])
-    app.add_api_route("/api/status", _status, methods=["GET"])
-    app.add_api_route("/api/offer", _offer, methods=["POST"])
-    app.add_api_route("/api/offer", _ice_candidates, methods=["PATCH"])
-    return app

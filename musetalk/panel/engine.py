@@ -41,7 +41,7 @@ from musetalk.bot.agent_config import (
 )
 from musetalk.bot.manager import BotManager
 from musetalk.bot.status import BotStatus
-from musetalk.bot.transports import IceServerSpec
+from musetalk.bot.transports import IceServerSpec, TransportSettings, is_loopback, with_page_key
 from musetalk.bot.workers import make_bot_runner
 from musetalk.config import FETCH_COMMAND, ModelPaths, RuntimeSettings
 from musetalk.errors import AvatarError, ConfigError, MuseTalkError
@@ -65,6 +65,7 @@ class EngineOptions:
     bot_config: Path | None = None  # say / conversation: the bot config file (None: configs/bot/conversation.yaml)
     keys: KeyLookup = field(default=lambda name: None, repr=False)  # api_key_env names -> keys (the environment)
     ice_servers: tuple[IceServerSpec, ...] = ()  # STUN/TURN servers for the local page (behind NAT)
+    page_key: str | None = field(default=None, repr=False)  # local pages' viewer key (None: made if one is needed)
     max_bots: int = 4  # live bots running at once
     max_sessions: int | None = None  # live sessions at once, all bots together (None: the measured capacity)
     backend: str = "inproc"  # where frames are generated: inproc, ray or ray://HOST:PORT (musetalk/serve)
@@ -106,6 +107,7 @@ class Engine:
         self._cancel: threading.Event | None = None
         self._active_sources: set[Path] = set()
         self._preparing: set[str] = set()  # avatars being prepared (again): the bot may not start them
+        self._page_key: str | None = None  # made for the first local page served beyond loopback (page_key_for)
         self._history: deque[tuple[float, float | None, float | None]] = deque(
             maxlen=int(HISTORY_SECONDS / STATUS_EVERY_S)
         )
@@ -277,6 +279,24 @@ class Engine:
         with self._cond:
             self._bot_config, self._bot_config_error = config, None
         return path
+
+    def page_key_for(self, host: str) -> str | None:
+        """The viewer key of a local page on `host`: the operator's (--page-key) on any host; else, beyond
+        loopback, one made for this panel the first time and shared by all its pages; else (loopback) none."""
+        if self.options.page_key:
+            return self.options.page_key
+        if is_loopback(host):
+            return None
+        with self._cond:
+            if self._page_key is None:
+                self._page_key = with_page_key(TransportSettings(kind="local", host=host)).page_key
+            return self._page_key
+
+    @property
+    def page_key(self) -> str | None:
+        """The key the panel's page links carry (None while no local page needs one)."""
+        with self._cond:
+            return self.options.page_key or self._page_key
 
     def speech_secrets(self) -> list[str]:
         """The keys the current bot config points at (to scrub from any message)."""

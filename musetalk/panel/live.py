@@ -103,11 +103,13 @@ class LiveActions:
                 settings = TransportSettings(kind="daily", room_url=room_url, token=token, bot_name=name, daily=room)
             else:
                 port = int(local_port) if local_port is not None else DEFAULT_PORT
+                host = (local_host or DEFAULT_HOST).strip()
                 settings = TransportSettings(
                     kind=transport or "local",
-                    host=(local_host or DEFAULT_HOST).strip(),
+                    host=host,
                     port=port,
                     ice_servers=self.engine.options.ice_servers,
+                    page_key=self.engine.page_key_for(host),
                 )
             budget = DEFAULT_LATENCY_BUDGET_S if latency_budget is None else float(latency_budget)
             live = LiveSettings(mode=mode, latency_budget_s=budget)
@@ -194,7 +196,7 @@ class LiveActions:
     def refresh_live(self, last_url: str | None, picked: str | None):
         status = self.bot_status()
         fps_frame, lat_frame = self.plots()
-        page_key = page_view(status)
+        page_key = page_view(status, self.engine.page_key)
         page = gr.skip() if page_key == last_url else page_key
         bots = self.list_bots()
         running = [b["bot_id"] for b in bots if b["state"] in ("starting", "running", "stopping")]

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from musetalk.avatar.store import FORMAT_VERSION, AvatarManifest
-from musetalk.bot.transports import DEFAULT_PORT
+from musetalk.bot.transports import DEFAULT_PORT, page_url
 from musetalk.config import FETCH_COMMAND, PrepareSettings
 from musetalk.errors import MediaError
 from musetalk.weights import format_bytes
@@ -309,11 +309,12 @@ def service_view(stats: dict | None, max_bots: int) -> str:
     )
 
 
-def page_view(status: dict) -> str:
+def page_view(status: dict, page_key: str | None = None) -> str:
+    """The local page's link and frame; with the panel's viewer key (`?key=`) when its pages have one."""
     url = status.get("url")
     if status.get("transport") != "local" or not url or status["state"] not in ("starting", "running"):
         return ""
-    safe = html.escape(url)
+    safe = html.escape(page_url(url, page_key))
     port = urlsplit(url).port or DEFAULT_PORT
     return (
         f'<p><b>Live page:</b> <a href="{safe}" target="_blank" rel="noopener">{safe}</a> (opens in a new tab). '

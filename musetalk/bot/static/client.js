@@ -9,6 +9,14 @@ const $ = (id) => document.getElementById(id);
 const video = $("avatar");
 // `?avatar=NAME` picks another prepared avatar for this viewer (each viewer has its own session).
 const chosenAvatar = new URLSearchParams(window.location.search).get("avatar") || null;
+// `?key=KEY`: the page's key (a page served beyond loopback has one), sent with every API request.
+const pageKey = new URLSearchParams(window.location.search).get("key") || null;
+
+function apiHeaders(extra) {
+  const headers = Object.assign({}, extra || {});
+  if (pageKey) headers.Authorization = `Bearer ${pageKey}`;
+  return headers;
+}
 const startButton = $("start");
 const stopButton = $("stop");
 
@@ -40,7 +48,7 @@ async function sendCandidates(candidates) {
   try {
     const response = await fetch("/api/offer", {
       method: "PATCH",
-      headers: { "Content-Type": "application/json" },
+      headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
     });
     if (!response.ok) console.warn("ICE candidate refused", response.status, await response.text());
@@ -69,7 +77,11 @@ function watchFrameRate() {
 
 async function pollStatus() {
   try {
-    const response = await fetch("/api/status", { cache: "no-store" });
+    const response = await fetch("/api/status", { cache: "no-store", headers: apiHeaders() });
+    if (response.status === 401) {
+      showError(((await response.json().catch(() => ({}))).detail) || "This page needs its key (?key=...).");
+      return;
+    }
     if (!response.ok) return;
     const s = await response.json();
     $("avatar-name").textContent = chosenAvatar || s.avatar || "-";
@@ -110,7 +122,7 @@ async function start() {
 
   let iceServers = [];
   try {  // STUN/TURN servers the bot was started with (--ice-servers), for hosts behind NAT
-    iceServers = (await (await fetch("/api/ice-servers", { cache: "no-store" })).json()).iceServers || [];
+    iceServers = (await (await fetch("/api/ice-servers", { cache: "no-store", headers: apiHeaders() })).json()).iceServers || [];
   } catch (err) {
     iceServers = [];
   }
@@ -155,7 +167,7 @@ async function start() {
     await pc.setLocalDescription(offer);
     const response = await fetch("/api/offer", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: apiHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify({
         sdp: pc.localDescription.sdp,
         type: pc.localDescription.type,
