@@ -216,6 +216,11 @@ class MuseTalkProcessor(FrameProcessor):
         return self._publish_audio
 
     @property
+    def joined(self) -> bool:
+        """Its session is open on the generation service (from the pipeline's start until it stops)."""
+        return self._joined
+
+    @property
     def avatar(self) -> Avatar | None:
         return self._avatar
 

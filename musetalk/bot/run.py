@@ -622,7 +622,10 @@ class BotRun:
         limit = service.session_limit()
         if limit is None:  # not measured yet, or a remote backend that admits (or refuses) when the session opens
             return
-        running = service.stats().sessions
+        # Sessions of this bot whose pipeline is still starting count too: two offers close together would
+        # otherwise both pass, and the service would refuse one only when it opens.
+        opening = sum(1 for s in self.sessions.values() if not s.processor.joined)
+        running = service.stats().sessions + opening
         if running >= limit:
             raise CapacityError(
                 f"This device serves {limit} sessions at 25 fps; {running} are running. "
