@@ -252,7 +252,9 @@ def test_fifty_daily_starts_and_stops_leave_the_process_clean(models, prepared_a
     elapsed = time.monotonic() - t0
     calls = [c for c in room.clients]
     assert len(calls) == 50
-    assert all(c.leave_calls <= 1 and c.release_calls == 1 for c in calls)
+    assert all(c.release_calls == 1 for c in calls)
+    joined = [c for c in calls if c.room and c.room.joined_at]
+    assert joined and all(c.leave_calls == 1 for c in joined), [c.room.events for c in joined if c.leave_calls != 1][:1]
     errors = [e for r in {id(c.room): c.room for c in calls if c.room}.values() for e in r.callback_errors]
     assert errors == []
     assert wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in before_threads], timeout=15)
@@ -431,3 +433,38 @@ def test_in_conversation_mode_only_the_followed_voice_reaches_the_stt(models, pr
     assert heard and sum(c["alice"] for c in counts) >= 25
     assert sum(c["bob"] + c["neither"] for c in counts) == 0
     assert room.rooms[ROOM].join_settings["publishing"]["microphone"]["isPublishing"] is True
+
+
+def test_the_panel_starts_a_room_bot_with_its_room_settings(tiny_models_dir, avatar_store, prepared_avatar, room):
+    """The Live tab's room fields reach the bot: its name, whom it follows, never-follow names, the voice in
+    mirror mode, leaving when alone; a second bot for the room is a sentence, not a traceback."""
+    import gradio as gr
+
+    from musetalk.config import RuntimeSettings
+    from musetalk.panel.engine import Engine, EngineOptions
+    from musetalk.panel.live import LiveActions
+
+    room.configure(ROOM, {"participants": [{"name": "Recorder"}, {"name": "bob", "join_at": 0.3}]})
+    engine = Engine(tiny_models_dir, avatar_store.root, RuntimeSettings(device="cpu"), EngineOptions(max_bots=2))
+    engine.start_loading()
+    actions = LiveActions(engine)
+    quiet = lambda *_args, **_kwargs: None  # noqa: E731 (Gradio's progress, outside Gradio)
+    try:
+        status = actions.start_bot(
+            prepared_avatar.name, "daily", ROOM, "tok-panel-1", "mirror", bot_name="Panel avatar", follow="Bob",
+            mirror_audio=True, leave_when_alone=0, never_follow="recorder, Other", progress=quiet,
+        )  # fmt: skip
+        assert status["state"] == "running", status
+        assert wait_until(lambda: actions.bot_status()["following"] == "bob", timeout=15), actions.bot_status()
+        run = engine.existing_runner()._runs[status["bot_id"]]
+        daily = run.settings.daily
+        assert (daily.follow, daily.publish_audio, daily.leave_when_alone_min) == ("Bob", True, 0.0)
+        assert daily.never_follow == ("recorder", "Other") and run.settings.bot_name == "Panel avatar"
+        with pytest.raises(gr.Error, match="already serves the room"):
+            actions.start_bot(prepared_avatar.name, "daily", ROOM, "", "mirror", progress=quiet)
+    finally:
+        runner = engine.existing_runner()
+        if runner is not None:
+            runner.stop_all()
+    call = room.rooms[ROOM]
+    assert call.user_name == "Panel avatar" and call.join_settings["publishing"]["microphone"]["isPublishing"] is True

@@ -127,7 +127,7 @@ def test_an_installed_copy_serves_its_page_from_site_packages(installed, tmp_pat
     """Installed (no source tree on the path), the bot transport finds its page inside the package."""
     target = installed
     code = (
-        "import musetalk, musetalk.bot.transports as t; "
+        "import musetalk, musetalk.bot.page as t; "
         "print(musetalk.__file__); print((t.STATIC_DIR / 'index.html').is_file(), (t.STATIC_DIR / 'client.js').is_file())"
     )
     env = {**os.environ, "PYTHONPATH": str(target)}

@@ -263,6 +263,8 @@ def _daily_transport_class() -> type:
 
     * Daily's `error` event (its message names Daily's error type: "ejected", "exp-token", ...), which
       Pipecat 1.14 does not handle, reaches the `on_daily_error` event handlers.
+    * A call still joined when Pipecat cleans up (a stop that came before the pipeline had started skips
+      Pipecat's leave) is left before it is released.
     * `release_call()` releases the Daily call client even when Pipecat's own teardown was cut short
       (a leave that hangs): no ghost participant stays in the room, and no Daily callback can reach
       the bot's event loop once it is closed.
@@ -276,9 +278,33 @@ def _daily_transport_class() -> type:
             client = self._client
             # daily-python calls its event handler's methods by name: this one goes through Pipecat's event queue.
             client.on_error = lambda message: client._call_event_callback(self._on_daily_error, message)
+            pipecat_cleanup = client.cleanup
+
+            async def leave_then_cleanup() -> None:
+                await self._leave_if_in_call(DAILY_LEAVE_TIMEOUT_S)
+                await pipecat_cleanup()
+
+            client.cleanup = leave_then_cleanup
 
         async def _on_daily_error(self, message: str) -> None:
             await self._call_event_handler("on_daily_error", message)
+
+        async def _leave_if_in_call(self, timeout_s: float, *, join_cut_short: bool = False) -> None:
+            """Leave unless Pipecat's teardown left already (or never joined, unless its join was cut short);
+            a leave that hangs is cut short."""
+            from pipecat.transports.daily.transport import _CallState
+
+            client = self._client
+            done = (_CallState.LEFT,) if join_cut_short else (_CallState.NOT_JOINED, _CallState.LEFT)
+            if client._call_state in done or client._client is None:
+                return
+            client._call_state = _CallState.LEFT  # as Pipecat's leave() does first: "left" is no error now
+            try:
+                error = await asyncio.wait_for(client._leave(), timeout=timeout_s)
+                if error:
+                    logger.debug("Leaving the Daily room: {}", error)
+            except asyncio.TimeoutError:
+                logger.warning("Daily did not confirm the leave within {} s; releasing the call", timeout_s)
 
         async def release_call(self, leave_timeout_s: float = DAILY_LEAVE_TIMEOUT_S) -> None:
             """Leave (unless Pipecat's teardown left already), then release the call client; idempotent.
@@ -287,17 +313,8 @@ def _daily_transport_class() -> type:
             joined, while Daily may have): the leave here covers that. Releasing blocks until a leave
             in progress ends, in a worker thread, so the leave's completion still finds this loop running.
             """
-            from pipecat.transports.daily.transport import _CallState
-
             client = self._client
-            if client._call_state != _CallState.LEFT and client._client is not None:
-                client._call_state = _CallState.LEFT  # as Pipecat's leave() does first: "left" is no error now
-                try:
-                    error = await asyncio.wait_for(client._leave(), timeout=leave_timeout_s)
-                    if error:
-                        logger.debug("Leaving the Daily room: {}", error)
-                except asyncio.TimeoutError:
-                    logger.warning("Daily did not confirm the leave within {} s; releasing the call", leave_timeout_s)
+            await self._leave_if_in_call(leave_timeout_s, join_cut_short=True)
             try:
                 await asyncio.to_thread(client._cleanup)
             except RuntimeError as exc:  # Pipecat's own cleanup released it in between

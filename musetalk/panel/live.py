@@ -63,6 +63,7 @@ class LiveActions:
         mirror_audio: bool = False,
         leave_when_alone: float = DEFAULT_LEAVE_WHEN_ALONE_MIN,
         share_room: bool = False,
+        never_follow: str = "",
         progress=PROGRESS,
     ) -> dict:
         """Start a live bot (another one while others run, up to --max-bots): on a local WebRTC page, or in a Daily room.
@@ -81,6 +82,7 @@ class LiveActions:
             mirror_audio: mirror mode in a Daily room: also publish the voice (off: video only, the room hears the speaker already)
             leave_when_alone: minutes with nobody in the Daily room before the bot leaves (0 = never)
             share_room: allow a second bot in a Daily room another bot serves (on purpose only: they re-publish each other)
+            never_follow: display names of participants that are bots (another avatar, a recorder), separated by commas
         Returns:
             the bot status (state, url of the local page, ...)
         """
@@ -98,6 +100,7 @@ class LiveActions:
                     publish_audio=True if mirror_audio else None,
                     leave_when_alone_min=DEFAULT_LEAVE_WHEN_ALONE_MIN if leave_when_alone is None else leave_when_alone,
                     share_room=bool(share_room),
+                    never_follow=tuple(n.strip() for n in (never_follow or "").split(",") if n.strip()),
                 )
                 name = (bot_name or "").strip() or "MuseTalk avatar"
                 settings = TransportSettings(kind="daily", room_url=room_url, token=token, bot_name=name, daily=room)
@@ -253,12 +256,18 @@ def _build_daily(on_spaces: bool) -> tuple:
                 label="Leave when alone (min)", value=DEFAULT_LEAVE_WHEN_ALONE_MIN, minimum=0,
                 maximum=1440, info="0 = never.",
             )  # fmt: skip
+            never_follow = gr.Textbox(
+                label="Never follow",
+                value="",
+                placeholder="Recorder, Other avatar",
+                info="Participants that are bots, by display name (commas between names); our own bots are never followed.",
+            )
             share_room = gr.Checkbox(
                 label="Allow a second bot in this room",
                 value=False,
                 info="On purpose only: two mirror bots re-publish each other.",
             )
-    return daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room
+    return daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room, never_follow
 
 
 def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) -> SimpleNamespace:
@@ -272,9 +281,8 @@ def build(engine: Engine, avatars: AvatarActions, *, on_spaces: bool = False) ->
                     [("Local page on this machine (no account)", "local"), ("Daily room", "daily")],
                     value=default_transport, label="Transport",
                 )  # fmt: skip
-                daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room = (
-                    _build_daily(on_spaces)
-                )
+                (daily_group, room_url, token, bot_name, follow, mirror_audio, leave_when_alone, share_room,
+                 never_follow) = _build_daily(on_spaces)  # fmt: skip
                 with gr.Accordion("Local page address", open=False, visible=not on_spaces) as local_group:
                     local_host = gr.Textbox(
                         label="Host",
@@ -363,7 +371,7 @@ def wire(
     c.start_btn.click(
         actions.start_bot,
         [c.live_avatar, c.transport, c.room_url, c.token, c.mode, c.local_port, c.local_host, c.latency_budget,
-         c.bot_name, c.follow, c.mirror_audio, c.leave_when_alone, c.share_room],
+         c.bot_name, c.follow, c.mirror_audio, c.leave_when_alone, c.share_room, c.never_follow],
         c.status_json, api_name="start_bot", concurrency_id="bot_start", concurrency_limit=1, show_progress_on=c.status_md,
     ).then(actions.refresh_live, live_in, live_out, api_visibility="private")  # fmt: skip
     c.stop_btn.click(
