@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Command 2 of the README: run the whole test suite (installs what the tests need first).
 # Arguments go to pytest: `bash test.sh -m "not slow"` is the fast lane (no browser, Ray, kill or other
-# long tests; under 3 minutes on 2 cores), `bash test.sh` runs everything.
+# long tests; under 3 minutes on 2 cores), `bash test.sh` runs everything. Two workers: the slow tests one after
+# another on one, the fast files on the other (tests/conftest.py); `bash test.sh -n 0` runs them in one process.
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -29,4 +30,4 @@ if [ "$(cat "$scale_stamp" 2>/dev/null)" != "$scale_want" ]; then
   echo "$scale_want" > "$scale_stamp"
 fi
 .venv/bin/python scripts/fetch_face_models.py --models-dir "${MUSETALK_MODELS_DIR:-models}"
-exec .venv/bin/python -m pytest -q "$@"
+exec .venv/bin/python -m pytest -q -n 2 --dist loadgroup --no-loadscope-reorder "$@"

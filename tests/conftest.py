@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Generator
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
@@ -106,3 +106,30 @@ def finish_later():
     pool.shutdown(wait=True)
     failed = [f"{what}: {job.exception()!r}" for what, job in jobs if job.exception() is not None]
     assert not failed, "checks finished after their tests failed:\n" + "\n".join(failed)
+
+
+def _lane(item: pytest.Item) -> int:
+    """0: slow, 1: slow and real-time, 2: fast."""
+    if item.get_closest_marker("slow") is None:
+        return 2
+    return 1 if item.get_closest_marker("realtime") is not None else 0
+
+
+@pytest.hookimpl(wrapper=True)  # around every other implementation: the groups exist before xdist reads them
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Generator[None]:
+    """Under test.sh's `-n 2 --dist loadgroup --no-loadscope-reorder`: the slow tests form one group, run one after
+    another on one worker, while the other worker takes the fast files one at a time (a file stays on one worker,
+    so its module fixtures start once)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        for item in items:
+            item.add_marker(pytest.mark.xdist_group("slow" if _lane(item) < 2 else item.nodeid.split("::", 1)[0]))
+    return (yield)
+
+
+@pytest.hookimpl(tryfirst=True)  # after pytest's own ordering by fixtures, before xdist sends the order
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Under xdist the slow group comes first in line (its worker starts on it at once), and within it the
+    `realtime` tests (frame rates and latencies at a viewer) go last, when the fast files are done and the
+    machine is theirs, as in a serial run."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        session.items.sort(key=_lane)  # stable: each lane keeps pytest's order

@@ -116,7 +116,11 @@ TAKE_FRAMES_JS = """
 
 
 _SKIP_REASON = browser_skip_reason() if __name__ != "__main__" else None
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.realtime,
+    pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON)),
+]
 
 
 def fake_microphone(speech: Path, out: Path) -> tuple[Path, float]:

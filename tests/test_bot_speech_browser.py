@@ -65,7 +65,11 @@ REPO = Path(__file__).resolve().parent.parent
 TESTS = Path(__file__).resolve().parent
 
 _SKIP_REASON = browser_skip_reason()
-pytestmark = [pytest.mark.slow, pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON))]
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.realtime,
+    pytest.mark.skipif(_SKIP_REASON is not None, reason=str(_SKIP_REASON)),
+]
 
 # The bounds, measured at the browser.
 SAY_TO_VOICE_MAX_MS = 4000.0

@@ -83,6 +83,7 @@ def video_fps(times: list[float], start: float, end: float) -> float:
     return (len(inside) - 1) / (inside[-1] - inside[0]) if len(inside) > 1 else 0.0
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # seconds of a room in real time
 def test_two_people_talking_over_each_other_the_bot_follows_one(models, prepared_avatar, room, voices):
     """Alice speaks from 1 s, Bob from 2 s over her. With audio published (on purpose here), every voiced
@@ -281,6 +282,7 @@ def rss_mb(pid: int | str = "self") -> float:
     raise AssertionError("no VmRSS")
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # 60 s of two people talking over each other
 def test_sixty_seconds_of_overlapping_talk_stays_at_25_fps_in_flat_memory(models, prepared_avatar, room, voices):
     """Alice and Bob talk over each other for 60 s (their sentences on a loop), then leave. The bot (audio on,
@@ -321,6 +323,7 @@ def test_sixty_seconds_of_overlapping_talk_stays_at_25_fps_in_flat_memory(models
     assert call.leave_calls == 1 and call.release_calls == 1 and call.callback_errors == []
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # the CLI loads its models, joins, and leaves by itself
 def test_the_seed_cli_in_a_room_follows_one_voice_and_leaves_when_alone(tmp_path, tiny_models_dir, prepared_avatar,
                                                                         avatar_store, voices):  # fmt: skip
@@ -386,6 +389,7 @@ def test_the_seed_cli_in_a_room_follows_one_voice_and_leaves_when_alone(tmp_path
     assert counts["neither"] <= 0.05 * (counts["alice"] + counts["bob"])
 
 
+@pytest.mark.realtime
 @pytest.mark.slow  # seconds of a room in real time
 def test_in_conversation_mode_only_the_followed_voice_reaches_the_stt(models, prepared_avatar, room, voices):
     """Followed by name: Alice asks, Bob talks over her. Every clip the STT transcribes is Alice's voice, and
