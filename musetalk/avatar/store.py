@@ -17,12 +17,14 @@ place only when complete, so a crash or kill leaves either the old avatar or non
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
 import shutil
 import uuid
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -248,8 +250,12 @@ class AvatarStore:
             latents = torch.from_numpy(np.load(folder / "latents.npy"))
         except (OSError, ValueError) as exc:
             raise AvatarError(f"Avatar {name} is damaged ({exc}); prepare it again.") from exc
-        frames = [_read_png(folder / "frames" / f"{i:05d}.png") for i in range(n)]
-        masks = [_read_png(folder / "masks" / f"{i:05d}.png", gray=True) for i in range(n)]
+        # PNG decoding releases the GIL: a bot's start (which loads its avatar) scales with the cores.
+        with ThreadPoolExecutor(max_workers=min(8, os.cpu_count() or 1), thread_name_prefix="avatar-load") as pool:
+            frames = list(pool.map(_read_png, [folder / "frames" / f"{i:05d}.png" for i in range(n)]))
+            masks = list(
+                pool.map(functools.partial(_read_png, gray=True), [folder / "masks" / f"{i:05d}.png" for i in range(n)])
+            )
         w, h = manifest.frame_size
         if boxes.shape != (n, 4) or crop_boxes.shape != (n, 4) or tuple(latents.shape) != (n, 8, 32, 32):
             raise AvatarError(f"Avatar {name} has inconsistent arrays for {n} frames; prepare it again.")
