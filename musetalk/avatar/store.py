@@ -28,15 +28,17 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import cv2
 import numpy as np
-import torch
 from loguru import logger
 
 from musetalk.config import MODEL_VERSION
 from musetalk.errors import AvatarError
+
+if TYPE_CHECKING:
+    import torch  # loaded with an avatar's latents only: `list` and `delete` start without it
 
 # 2: official MuseTalk v1.5 preprocessing (DWPose landmarks when present, truncated landmark
 #    coordinates, masks computed on the whole blending square, cone-kernel jaw masks).
@@ -244,6 +246,8 @@ class AvatarStore:
         folder = self.path(name)
         manifest = self.manifest(name)
         n = manifest.frame_count
+        import torch
+
         try:
             boxes = np.load(folder / "boxes.npy")
             crop_boxes = np.load(folder / "crop_boxes.npy")
