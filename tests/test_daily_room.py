@@ -121,6 +121,8 @@ def test_two_people_talking_over_each_other_the_bot_follows_one(models, prepared
     assert call.leave_calls == 1 and call.release_calls == 1 and call.callback_errors == []
 
 
+@pytest.mark.realtime
+@pytest.mark.slow  # a frame rate in real time: with the real-time tests, on a quiet machine
 def test_mirror_publishes_video_only_at_25_fps_in_one_layer(models, prepared_avatar, room, voices):
     room.configure(ROOM, {"participants": [{"name": "alice", "audio": str(voices["alice"]), "audio_at": 0.5}]})
     runner = start(models, prepared_avatar, daily=DailyRoomSettings(video_bitrate=700_000))

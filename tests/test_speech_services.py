@@ -361,8 +361,9 @@ def test_espeak_cancel_kills_espeak():
 
 @needs_espeak
 def test_espeak_unknown_voice_is_an_error_frame_naming_it_and_a_settings_update_recovers():
-    # A failed sentence sends no audio, so its audio context only ends after stop_frame_timeout_s.
-    tts = EspeakTTSService(voice="xx-nosuchvoice", stop_frame_timeout_s=0.5)
+    # A failed sentence sends no audio, so its audio context only ends after stop_frame_timeout_s (shortened from
+    # Pipecat's default; long enough that a loaded machine's espeak-ng start does not end the good sentence early).
+    tts = EspeakTTSService(voice="xx-nosuchvoice", stop_frame_timeout_s=2.0)
 
     def named(bot):
         return [e for e in bot.upstream.of(ErrorFrame) if "xx-nosuchvoice" in e.error]
@@ -374,8 +375,13 @@ def test_espeak_unknown_voice_is_an_error_frame_naming_it_and_a_settings_update_
             assert not tts.is_usable, "an unknown voice is a permanent (invalid request) error"
             await bot.send(TTSUpdateSettingsFrame(delta=EspeakTTSService.Settings(voice="en-us")))
             await bot.send(TTSSpeakFrame("Hello world"))
-            await bot.wait_for("TTSStoppedFrame", lambda: bot.downstream.of(TTSAudioRawFrame, TTSStoppedFrame))
             await bot.wait_for("audio after the fix", lambda: bot.downstream.of(TTSAudioRawFrame))
+
+            def stopped_after_its_audio() -> bool:  # (the failed sentence's context may stop in between)
+                frames = bot.downstream.of(TTSAudioRawFrame, TTSStoppedFrame)
+                return isinstance(frames[-1], TTSStoppedFrame)
+
+            await bot.wait_for("a TTSStoppedFrame after the audio", stopped_after_its_audio)
             return bot
 
     bot = asyncio.run(scenario())
