@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Command 2 of the README: run the whole test suite (installs what the tests need first).
 # Arguments go to pytest: `bash test.sh -m "not slow"` is the fast lane (no browser, Ray, kill or other
-# long tests; under 3 minutes on 2 cores), `bash test.sh` runs everything. Two workers: the slow tests one after
-# another on one, the fast files on the other (tests/conftest.py); `bash test.sh -n 0` runs them in one process.
+# long tests; under 3 minutes on 2 cores), `bash test.sh` runs everything. Two workers, a file at a time each,
+# the real-time tests last (tests/conftest.py); `bash test.sh -n 0` runs them in one process.
 set -euo pipefail
 cd "$(dirname "$0")"
 

@@ -108,28 +108,35 @@ def finish_later():
     assert not failed, "checks finished after their tests failed:\n" + "\n".join(failed)
 
 
-def _lane(item: pytest.Item) -> int:
-    """0: slow, 1: slow and real-time, 2: fast."""
-    if item.get_closest_marker("slow") is None:
-        return 2
-    return 1 if item.get_closest_marker("realtime") is not None else 0
+def _file(item: pytest.Item) -> str:
+    return item.nodeid.split("::", 1)[0]
+
+
+def _is_realtime(item: pytest.Item) -> bool:
+    return item.get_closest_marker("realtime") is not None
 
 
 @pytest.hookimpl(wrapper=True)  # around every other implementation: the groups exist before xdist reads them
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> Generator[None]:
-    """Under test.sh's `-n 2 --dist loadgroup --no-loadscope-reorder`: the slow tests form one group, run one after
-    another on one worker, while the other worker takes the fast files one at a time (a file stays on one worker,
-    so its module fixtures start once)."""
+    """Under test.sh's `-n 2 --dist loadgroup --no-loadscope-reorder`, each test file is one unit of work (its
+    module fixtures start once, on one worker), and the `realtime` tests (frame rates and latencies at a viewer)
+    are one more unit, run one after another."""
     if os.environ.get("PYTEST_XDIST_WORKER"):
         for item in items:
-            item.add_marker(pytest.mark.xdist_group("slow" if _lane(item) < 2 else item.nodeid.split("::", 1)[0]))
+            item.add_marker(pytest.mark.xdist_group("realtime" if _is_realtime(item) else _file(item)))
     return (yield)
 
 
 @pytest.hookimpl(tryfirst=True)  # after pytest's own ordering by fixtures, before xdist sends the order
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Under xdist the slow group comes first in line (its worker starts on it at once), and within it the
-    `realtime` tests (frame rates and latencies at a viewer) go last, when the fast files are done and the
-    machine is theirs, as in a serial run."""
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        session.items.sort(key=_lane)  # stable: each lane keeps pytest's order
+    """The order the two workers take the units in: the files holding slow tests first (the long units, so the
+    two workers end close together), then the fast-only files, then the real-time unit, which starts once every
+    other unit has been handed out: it runs (nearly) alone on the machine, as in a serial run."""
+    if not os.environ.get("PYTEST_XDIST_WORKER"):
+        return
+    long_files = {_file(item) for item in session.items if item.get_closest_marker("slow") is not None}
+
+    def lane(item: pytest.Item) -> int:
+        return 2 if _is_realtime(item) else 0 if _file(item) in long_files else 1
+
+    session.items.sort(key=lane)  # stable: each lane keeps pytest's order
