@@ -26,6 +26,7 @@ from musetalk.bot.runner import BotRunner
 from musetalk.bot.transports import TransportSettings
 from musetalk.errors import ConfigError
 
+TALK_S = 30.0  # the overlapping-talk soak
 ROOM = "https://acme.daily.co/connect-demo"  # "connect" in the name: no network hint may come from it
 ALICE_TEXT = "Hello everyone. I am Alice, and I will talk for a while about lip sync."
 BOB_TEXT = "And I am Bob. I keep talking at the same time, which is rude but it happens."
@@ -260,7 +261,8 @@ def test_fifty_daily_starts_and_stops_leave_the_process_clean(models, prepared_a
     assert joined and all(c.leave_calls == 1 for c in joined), [c.room.events for c in joined if c.leave_calls != 1][:1]
     errors = [e for r in {id(c.room): c.room for c in calls if c.room}.values() for e in r.callback_errors]
     assert errors == []
-    assert wait_until(lambda: not [t for t in threading.enumerate() if t.ident not in before_threads], timeout=15)
+    new_threads = lambda: [t.name for t in threading.enumerate() if t.ident not in before_threads]  # noqa: E731
+    assert wait_until(lambda: not new_threads(), timeout=15), new_threads()
     grown = len(os.listdir("/proc/self/fd")) - fds
     print(f"\n50 Daily start/stops in {elapsed:.0f} s; descriptors {grown:+d}")
     assert grown <= 5
@@ -285,35 +287,39 @@ def rss_mb(pid: int | str = "self") -> float:
 
 
 @pytest.mark.realtime
-@pytest.mark.slow  # 60 s of two people talking over each other
-def test_sixty_seconds_of_overlapping_talk_stays_at_25_fps_in_flat_memory(models, prepared_avatar, room, voices):
-    """Alice and Bob talk over each other for 60 s (their sentences on a loop), then leave. The bot (audio on,
+@pytest.mark.slow  # 30 s of two people talking over each other
+def test_overlapping_talk_stays_at_25_fps_in_flat_memory(models, prepared_avatar, room, voices):
+    """Alice and Bob talk over each other for 30 s (their sentences on a loop), then leave. The bot (audio on,
     to measure it) keeps its video at 25 fps, never publishes audio ahead of the clock, holds its memory
-    and stops speaking within its latency budget of the room falling silent."""
+    and stops speaking within its latency budget of the room falling silent. (The same with `TALK_S = 60`
+    measured 24.1-24.2 fps and +31 MB.)"""
+    talk_s = TALK_S
     room.configure(ROOM, {"participants": [
-        {"name": "alice", "audio": str(voices["alice"]), "audio_at": 1.0, "loop_audio": True, "leave_at": 60.0},
-        {"name": "bob", "audio": str(voices["bob"]), "audio_at": 1.7, "loop_audio": True, "leave_at": 60.0},
+        {"name": "alice", "audio": str(voices["alice"]), "audio_at": 1.0, "loop_audio": True, "leave_at": talk_s},
+        {"name": "bob", "audio": str(voices["bob"]), "audio_at": 1.7, "loop_audio": True, "leave_at": talk_s},
     ]})  # fmt: skip
     runner = start(models, prepared_avatar, daily=DailyRoomSettings(publish_audio=True))
     memory = []
     try:
         assert wait_until(lambda: ROOM in room.rooms and room.rooms[ROOM].joined_at, timeout=20)
         call = room.rooms[ROOM]
-        while call.time() < 66.0:
+        while call.time() < talk_s + 6.0:
             memory.append((call.time(), rss_mb()))
-            time.sleep(2.0)
+            time.sleep(1.0)
     finally:
         runner.stop()
     call = room.rooms[ROOM]
     times = [call.time(f.time) for f in call.video_frames]
-    fps = [video_fps(times, t, t + 10) for t in range(5, 55, 10)]
+    fps = [video_fps(times, t, t + 10) for t in range(5, int(talk_s) - 5, 10)]
     writes = [w for w in call.audio_writes if w.track == "microphone"]
     written = np.cumsum([len(w.data) / 2 / w.sample_rate for w in writes])
     ahead = max(w_s - (w.time - writes[0].time) for w, w_s in zip(writes, written, strict=True))
     spoken = [(call.time(w.play_start), np.frombuffer(w.data, dtype="<i2")) for w in writes]
-    after_silence = voiced_until(spoken, writes[0].sample_rate) - 60.0
-    early = float(np.median([m for t, m in memory if 12 <= t <= 20]))
-    late = float(np.median([m for t, m in memory if 52 <= t <= 60]))
+    after_silence = voiced_until(spoken, writes[0].sample_rate) - talk_s
+    # Warming up (caches, allocator pools) takes RSS up ~3 MB/s until ~20 s, then it is flat (measured: 1,147 MB
+    # from 21 s to 35 s); the bug grew ~16 MB/s throughout.
+    early = float(np.median([m for t, m in memory if talk_s - 14 <= t <= talk_s - 10]))
+    late = float(np.median([m for t, m in memory if talk_s - 4 <= t <= talk_s]))
     print(
         f"\nvideo fps per 10 s: {[round(f, 1) for f in fps]}; audio ahead of the clock at most {ahead:.3f} s; "
         f"speech after the room fell silent: {after_silence:.1f} s; RSS {early:.0f} -> {late:.0f} MB"
@@ -321,7 +327,7 @@ def test_sixty_seconds_of_overlapping_talk_stays_at_25_fps_in_flat_memory(models
     assert all(23.0 <= f <= 26.0 for f in fps), fps
     assert ahead <= 0.2
     assert after_silence <= 2.0 + 1.5  # the latency budget, and the last frame's share
-    assert late - early <= 50, [(round(t), round(m)) for t, m in memory]  # the bug grew ~16 MB/s
+    assert late - early <= 50, " ".join(f"{t:.0f}s:{m:.0f}" for t, m in memory)
     assert call.leave_calls == 1 and call.release_calls == 1 and call.callback_errors == []
 
 

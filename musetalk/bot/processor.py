@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -65,7 +66,7 @@ from musetalk.config import (
 from musetalk.errors import ConfigError
 from musetalk.generate import LipSyncGenerator
 from musetalk.live.backend import GenerationBackend
-from musetalk.live.requests import FrameResult
+from musetalk.live.requests import FrameResult, SessionInfo
 from musetalk.live.service import GenerationService, ServiceSettings, new_session_id
 from musetalk.live.session import (
     FRAME_SECONDS,
@@ -331,20 +332,29 @@ class MuseTalkProcessor(FrameProcessor):
         service = self._service
         self._loop = asyncio.get_running_loop()
         avatar_id = await asyncio.to_thread(service.add_avatar, self._avatar)
-        # Off the loop: on a remote backend (Ray) opening a session is a network call. If the pipeline
-        # is cancelled meanwhile, the session may still open in that thread: close it once it has.
-        opening = asyncio.ensure_future(
-            asyncio.to_thread(
-                service.open_session, self._session_id, avatar_id, self._sink, output_size=self.video_size
-            )
-        )
+        # Off the loop: on a remote backend (Ray) opening a session is a network call. If the pipeline is
+        # cancelled meanwhile, the session may still open in that thread: whichever side comes second closes
+        # it (decided under a lock, not by a callback on this loop, which may be closed by then).
+        session_id, lock, state = self._session_id, threading.Lock(), {"opened": False, "abandoned": False}
+
+        def open_session() -> SessionInfo:
+            info = service.open_session(session_id, avatar_id, self._sink, output_size=self.video_size)
+            with lock:
+                state["opened"] = True
+                abandoned = state["abandoned"]
+            if abandoned:
+                service.close_session(session_id)
+            return info
+
+        opening = asyncio.ensure_future(asyncio.to_thread(open_session))
         try:
             info = await asyncio.shield(opening)
         except asyncio.CancelledError:
-            session_id = self._session_id
-            opening.add_done_callback(
-                lambda f: None if f.cancelled() or f.exception() else service.close_session(session_id)
-            )
+            with lock:
+                state["abandoned"] = True
+                opened = state["opened"]
+            if opened:
+                service.close_session(session_id)
             raise
         self._session = LiveSession(
             session_id=self._session_id, avatar=self._avatar, settings=self._settings, submit=service.submit,
