@@ -397,7 +397,6 @@ def test_the_seed_cli_in_a_room_follows_one_voice_and_leaves_when_alone(tmp_path
     assert counts["neither"] <= 0.05 * (counts["alice"] + counts["bob"])
 
 
-@pytest.mark.realtime
 @pytest.mark.slow  # seconds of a room in real time
 def test_in_conversation_mode_only_the_followed_voice_reaches_the_stt(models, prepared_avatar, room, voices):
     """Followed by name: Alice asks, Bob talks over her. Every clip the STT transcribes is Alice's voice, and
