@@ -34,6 +34,7 @@ def tiny_report(tmp_path_factory):
     return json.loads(proc.stdout), out, time.monotonic() - start  # stdout is exactly one JSON object
 
 
+@pytest.mark.slow  # a whole report, ~30 s on 2 cores
 def test_tiny_report_has_every_section_within_its_budget(tiny_report):
     report, out, wall = tiny_report
     on_disk = json.loads((out / "report.json").read_text())
@@ -58,6 +59,7 @@ def test_tiny_report_has_every_section_within_its_budget(tiny_report):
         assert b["status"] == "ok" or b["reason"], b
 
 
+@pytest.mark.slow  # a whole report, ~30 s on 2 cores
 def test_tiny_report_figures_are_where_the_markdown_reads_them(tiny_report):
     report, out, _ = tiny_report
     s = {k: v.get("data") for k, v in report["sections"].items()}
