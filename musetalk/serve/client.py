@@ -226,19 +226,22 @@ class RayGenerationClient:
     def _cancel(self, remote: _Remote) -> None:
         remote.pending.clear()
         remote.open_seqs.clear()
-        self._loop.create_task(self._quiet(self._pinned(remote).cancel.remote(remote.id)))
+        self._loop.create_task(self._quiet("cancel", remote.id, self._pinned(remote).cancel.remote(remote.id)))
 
     def _close(self, remote: _Remote) -> None:
         if remote.pump is not None:
             remote.pump.cancel()
-        self._loop.create_task(self._quiet(self._pinned(remote).close.remote(remote.id)))
+        self._loop.create_task(self._quiet("close", remote.id, self._pinned(remote).close.remote(remote.id)))
 
     @staticmethod
-    async def _quiet(response) -> None:
+    async def _quiet(action: str, session_id: str, response) -> None:
+        """Await a best-effort call: a replica that cannot take it (gone, restarting) no longer holds the session."""
         try:
             await response
         except Exception as exc:
-            logger.debug("ignored: {}", exc)
+            logger.debug(
+                "MuseTalk session {}: {} not delivered, its replica no longer holds it: {}", session_id, action, exc
+            )
 
     def _restart_pump(self, remote: _Remote) -> None:
         remote.attached = False
@@ -316,8 +319,8 @@ class RayGenerationClient:
             self.close_session(remote.id)
             try:
                 remote.sink(FrameResult(remote.id, error=message))
-            except Exception as exc:
-                logger.debug("ignored: {}", exc)
+            except Exception as exc:  # the consumer is gone or broken; the error must still reach the log
+                logger.warning("MuseTalk session {} lost: {} (its consumer failed too: {})", remote.id, message, exc)
         return False
 
     async def _stats(self) -> list[ReplicaReport]:
