@@ -100,7 +100,7 @@ class LiveActions:
                     publish_audio=True if mirror_audio else None,
                     leave_when_alone_min=DEFAULT_LEAVE_WHEN_ALONE_MIN if leave_when_alone is None else leave_when_alone,
                     share_room=bool(share_room),
-                    never_follow=tuple(n.strip() for n in (never_follow or "").split(",") if n.strip()),
+                    never_follow=tuple((never_follow or "").split(",")),  # the settings trim names and drop empty ones
                 )
                 name = (bot_name or "").strip() or "MuseTalk avatar"
                 settings = TransportSettings(kind="daily", room_url=room_url, token=token, bot_name=name, daily=room)
